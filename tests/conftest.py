@@ -1,0 +1,41 @@
+import pytest
+
+from training.config import compose_config
+
+# A TiTok small enough to train a few steps in seconds on a CPU, through the real configs.
+TINY_RUN = [
+    "+experiment=titok_quickstart",
+    "data.resolution=16",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.samples_per_epoch=64",
+    "data.val_per_class=1",
+    "tokenizer.width=32",
+    "tokenizer.depth=1",
+    "tokenizer.heads=2",
+    "tokenizer.num_tokens=8",
+    "tokenizer.codebook_size=64",
+    "module.warmup_steps=2",
+    "module.loss.gan_start_step=2",
+    "module.loss.disc_channels=8",
+    "module.loss.disc_layers=1",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "callbacks.progress=null",
+]
+
+
+@pytest.fixture
+def tiny_run_overrides():
+    return list(TINY_RUN)
+
+
+@pytest.fixture
+def tiny_run_config(tmp_path):
+    def make(*overrides):
+        return compose_config(TINY_RUN + [f"paths.run_dir={tmp_path / 'run'}", *overrides])
+
+    return make

@@ -1,0 +1,105 @@
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import get_class, instantiate
+
+from training.config import ConfigError, check_run_dir, compose_config, group_options
+
+EXPERIMENTS = group_options("experiment")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory):
+    """A randomly initialised torchvision VGG16 state dict: recipes with a perceptual loss need the file."""
+    import torchvision
+
+    path = tmp_path_factory.mktemp("weights") / "vgg16.pth"
+    torch.save(torchvision.models.vgg16(weights=None).features.state_dict(prefix="features."), path)
+    return path
+
+
+def test_there_are_experiments():
+    assert {"titok_quickstart", "titok_l32_imagenet", "titok_b64_imagenet", "titok_s128_imagenet"} <= set(
+        EXPERIMENTS
+    )
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(name, vgg_file):
+    cfg = compose_config([f"+experiment={name}", f"paths.vgg_weights={vgg_file}"])
+    assert cfg.name == name, "an experiment's `name` must equal its file name (it names the run folder)"
+    assert cfg.paths.run_dir == f"runs/{name}"
+    data = instantiate(cfg.data)
+    assert data.num_classes > 0
+    with torch.device("meta"):  # the published sizes, without allocating their weights
+        module = instantiate(cfg.module)
+    assert module.tokenizer.config["image_size"] == cfg.data.resolution
+    trainer_class = get_class(cfg.trainer._target_)
+    unknown = set(cfg.trainer) - set(inspect.signature(trainer_class).parameters) - {"_target_"}
+    assert not unknown, f"trainer keys that lightning.Trainer does not take: {unknown}"
+    if cfg.trainer.accelerator == "cpu":
+        assert isinstance(instantiate(cfg.trainer, logger=False), L.Trainer)
+
+
+@pytest.mark.parametrize("trainer", group_options("trainer"))
+def test_trainer_groups_compose(trainer):
+    cfg = compose_config(["+experiment=titok_quickstart", f"trainer={trainer}"])
+    unknown = set(cfg.trainer) - set(inspect.signature(L.Trainer).parameters) - {"_target_"}
+    assert not unknown
+    if trainer == "slurm":
+        assert cfg.trainer.plugins[0].auto_requeue is True
+        assert get_class(cfg.trainer.plugins[0]._target_).__name__ == "SLURMEnvironment"
+
+
+def test_imagenet_recipes_follow_the_published_sizes():
+    sizes = {
+        "titok_l32_imagenet": ("L", 32),
+        "titok_b64_imagenet": ("B", 64),
+        "titok_s128_imagenet": ("S", 128),
+    }
+    for name, (size, tokens) in sizes.items():
+        cfg = compose_config([f"+experiment={name}"])
+        assert (cfg.tokenizer.size, cfg.tokenizer.num_tokens) == (size, tokens)
+        assert (cfg.tokenizer.codebook_size, cfg.tokenizer.code_dim, cfg.data.resolution) == (4096, 12, 256)
+        assert cfg.trainer.precision == "bf16-mixed" and cfg.module.lr == 1e-4
+
+
+def test_unknown_experiment_lists_the_choices():
+    with pytest.raises(ConfigError, match="unknown experiment 'nope'; choose one of: .*titok_quickstart"):
+        compose_config(["+experiment=nope"])
+
+
+def test_unknown_key_is_one_line_with_valid_keys():
+    with pytest.raises(ConfigError) as error:
+        compose_config(["+experiment=titok_quickstart", "trainer.max_stepz=3"])
+    message = str(error.value)
+    assert "\n" not in message and "trainer.max_stepz" in message and "max_steps" in message
+
+
+def test_train_py_fails_in_one_line_before_any_work():
+    result = subprocess.run(
+        [sys.executable, "train.py", "+experiment=titok_quikstart"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"error: unknown experiment 'titok_quikstart'; choose one of: {', '.join(EXPERIMENTS)}"
+    ]
+
+
+def test_run_folder_refuses_a_different_config(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_config(["+experiment=titok_quickstart"])
+    assert check_run_dir(cfg, run_dir) is False  # new folder: config saved, nothing to resume
+    assert (
+        check_run_dir(compose_config(["+experiment=titok_quickstart", "trainer.max_steps=5000"]), run_dir)
+        is False
+    )
+    with pytest.raises(ConfigError, match=r"module\.lr"):
+        check_run_dir(compose_config(["+experiment=titok_quickstart", "module.lr=0.1"]), run_dir)

@@ -1,0 +1,125 @@
+"""The contract every tokenizer keeps: a `Tokens` payload, a `TokenSpec`, and save/load without Hydra.
+
+A tokenizer is an `nn.Module` with
+
+    token_spec                         what a generator must model (kind, N, grid, vocabulary sizes)
+    encode(images) -> Tokens           images: float (B, 3, H, W) in [-1, 1]
+    decode(tokens, num_tokens=None)    -> images (B, 3, H, W)
+    forward(images) -> (reconstructions, losses dict, stats dict)
+    code_vectors()                     the latent vector behind each discrete code (V, D)
+
+Exported models are a folder holding `config.json` (the class name plus its constructor arguments) and
+`model.safetensors`; `from_pretrained(folder)` rebuilds the module from those two files alone, with a strict
+key check and without unpickling anything (diffusers' convention).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+TOKEN_KINDS = ("categorical", "factorized", "binary", "dimwise", "continuous")
+
+
+@dataclass
+class TokenSpec:
+    """What a generator needs to know about a tokenizer's tokens."""
+
+    kind: str  # one of TOKEN_KINDS
+    num_tokens: int  # N, positions per image
+    grid: tuple[int, int] | None = None  # (h, w) for 2D tokens, None for 1D sequences
+    vocab_size: int | None = None  # categorical: V
+    code_dim: int | None = None  # dimension of the latent vector behind each code
+
+    def __post_init__(self):
+        if self.kind not in TOKEN_KINDS:
+            raise ValueError(f"TokenSpec.kind={self.kind!r}; expected one of {TOKEN_KINDS}")
+
+
+@dataclass
+class Tokens:
+    """A batch of tokens. `data` holds codes (B, N) for categorical tokens; see DESIGN.md for other kinds."""
+
+    kind: str
+    data: torch.Tensor
+    lengths: torch.Tensor | None = None  # (B,) valid prefix lengths of variable-length sequences
+    grid: tuple[int, int] | None = None
+
+    def to(self, device) -> Tokens:
+        lengths = None if self.lengths is None else self.lengths.to(device)
+        return Tokens(self.kind, self.data.to(device), lengths, self.grid)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+
+_REGISTRY: dict[str, type[Tokenizer]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a tokenizer loadable by `from_pretrained` under `name`."""
+
+    def wrap(cls):
+        cls.registry_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+class Tokenizer(nn.Module):
+    """Base class: subclasses store their constructor arguments in `self.config` (JSON-serialisable)."""
+
+    registry_name: str = ""
+    config: dict
+
+    @property
+    def token_spec(self) -> TokenSpec:
+        raise NotImplementedError
+
+    def encode(self, images: torch.Tensor) -> Tokens:
+        raise NotImplementedError
+
+    def decode(self, tokens: Tokens, num_tokens: int | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def code_vectors(self) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no discrete codes")
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(images))
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"class": self.registry_name, "config": self.config, "token_spec": asdict(self.token_spec)}
+        (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"))
+        return folder
+
+
+def from_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
+    """Rebuild an exported tokenizer from `folder/config.json` + `folder/model.safetensors` (strict)."""
+    folder = Path(folder)
+    config_file, weights_file = folder / "config.json", folder / "model.safetensors"
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"not an exported tokenizer: {f} is missing")
+    # Importing the package registers every tokenizer class.
+    import tokenizers_vis  # noqa: F401
+
+    meta = json.loads(config_file.read_text())
+    if meta.get("class") not in _REGISTRY:
+        raise ValueError(
+            f"{config_file}: unknown tokenizer class {meta.get('class')!r}; known: {sorted(_REGISTRY)}"
+        )
+    model = _REGISTRY[meta["class"]](**meta["config"])
+    model.load_state_dict(load_file(str(weights_file), device=str(device)), strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,208 @@
+"""TiTok: "An Image is Worth 32 Tokens for Reconstruction and Generation" (Yu et al., NeurIPS 2024).
+
+A ViT encoder reads [patch tokens + N learnable latent tokens]; only the latent outputs are kept and
+vector-quantised, so an image becomes a 1D sequence of N codes whatever its size. A ViT decoder reads
+[a grid of mask tokens + the projected codes] and turns the mask-token outputs into pixels.
+
+Deliberate choices (see METHODS.md):
+- Single-stage pixel recipe: the decoder regresses pixels (linear to patch pixels, then a 3x3 conv); the
+  original two-stage recipe's proxy codes from a frozen VQGAN are not used.
+- Latent tokens are appended after the patches, each with its own learned position embedding; attention is
+  bidirectional; blocks are timm's ViT blocks (SDPA attention).
+- Tokens are kept as (B, N, D) throughout; the official legacy path's reshape of (B, N, C) to (B, C, N, 1)
+  without a permute (which mixes the token and channel axes) has no counterpart here.
+- `decode(tokens, num_tokens=k)` decodes the first k tokens only (the decoder's latent position
+  embeddings are sliced), which One-D-Piece builds on.
+
+Size presets (width / depth / heads, the same for encoder and decoder): S 512/8/8, B 768/12/12,
+L 1024/24/16, plus `tiny` for CPUs and tests. Published models pair them with a token count: "L-32",
+"B-64", "S-128" (`TiTok.from_preset("L-32")`).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from .base import Tokenizer, Tokens, TokenSpec, register
+from .quantizers import VectorQuantizer
+
+TITOK_SIZES = {
+    "tiny": dict(width=128, depth=4, heads=4),
+    "S": dict(width=512, depth=8, heads=8),
+    "B": dict(width=768, depth=12, heads=12),
+    "L": dict(width=1024, depth=24, heads=16),
+}
+
+
+def _embedding(*shape: int, scale: float) -> nn.Parameter:
+    return nn.Parameter(scale * torch.randn(*shape))
+
+
+class ViT(nn.Module):
+    """Pre-norm transformer trunk shared by encoder and decoder: LayerNorm, timm blocks, LayerNorm."""
+
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.ln_pre = nn.LayerNorm(width)
+        self.blocks = nn.Sequential(*[Block(width, heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
+        self.ln_post = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_post(self.blocks(self.ln_pre(x)))
+
+
+class TiTokEncoder(nn.Module):
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        num_tokens: int,
+        code_dim: int,
+    ):
+        super().__init__()
+        num_patches = (image_size // patch_size) ** 2
+        scale = width**-0.5
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.patch_pos = _embedding(num_patches, width, scale=scale)
+        self.latent_tokens = _embedding(num_tokens, width, scale=scale)
+        self.latent_pos = _embedding(num_tokens, width, scale=scale)
+        self.trunk = ViT(width, depth, heads)
+        self.to_code = nn.Linear(width, code_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embed(images).flatten(2).transpose(1, 2) + self.patch_pos  # (B, P, W)
+        latents = (self.latent_tokens + self.latent_pos).expand(images.shape[0], -1, -1)  # (B, N, W)
+        x = self.trunk(torch.cat([patches, latents], dim=1))  # (B, P + N, W)
+        return self.to_code(x[:, patches.shape[1] :])  # (B, N, D)
+
+
+class TiTokDecoder(nn.Module):
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        depth: int,
+        heads: int,
+        num_tokens: int,
+        code_dim: int,
+    ):
+        super().__init__()
+        self.grid = image_size // patch_size
+        self.patch_size = patch_size
+        scale = width**-0.5
+        self.from_code = nn.Linear(code_dim, width)
+        self.latent_pos = _embedding(num_tokens, width, scale=scale)
+        self.mask_token = _embedding(1, 1, width, scale=scale)
+        self.mask_pos = _embedding(self.grid**2, width, scale=scale)
+        self.trunk = ViT(width, depth, heads)
+        self.to_pixels = nn.Linear(width, patch_size * patch_size * 3)
+        self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        batch, k = latents.shape[:2]  # (B, k, D), k <= N: any prefix of the token sequence
+        latents = self.from_code(latents) + self.latent_pos[:k]  # (B, k, W)
+        masks = (self.mask_token + self.mask_pos).expand(batch, -1, -1)  # (B, P, W)
+        x = self.trunk(torch.cat([masks, latents], dim=1))[:, : masks.shape[1]]  # (B, P, W)
+        pixels = rearrange(
+            self.to_pixels(x),
+            "b (h w) (p q c) -> b c (h p) (w q)",
+            h=self.grid,
+            p=self.patch_size,
+            q=self.patch_size,
+        )  # (B, 3, H, W)
+        return self.conv_out(pixels)
+
+
+@register("titok")
+class TiTok(Tokenizer):
+    def __init__(
+        self,
+        image_size: int = 256,
+        patch_size: int = 16,
+        size: str = "B",
+        width: int | None = None,
+        depth: int | None = None,
+        heads: int | None = None,
+        num_tokens: int = 64,
+        codebook_size: int = 4096,
+        code_dim: int = 12,
+        l2_normalize: bool = True,
+        commitment_weight: float = 0.25,
+        dead_code_threshold: float = 0.0,
+        usage_decay: float = 0.99,
+    ):
+        super().__init__()
+        if size not in TITOK_SIZES:
+            raise ValueError(f"TiTok size={size!r}; expected one of {sorted(TITOK_SIZES)}")
+        if image_size % patch_size:
+            raise ValueError(f"TiTok image_size={image_size} is not a multiple of patch_size={patch_size}")
+        preset = TITOK_SIZES[size]
+        width, depth, heads = width or preset["width"], depth or preset["depth"], heads or preset["heads"]
+        self.config = dict(
+            image_size=image_size,
+            patch_size=patch_size,
+            size=size,
+            width=width,
+            depth=depth,
+            heads=heads,
+            num_tokens=num_tokens,
+            codebook_size=codebook_size,
+            code_dim=code_dim,
+            l2_normalize=l2_normalize,
+            commitment_weight=commitment_weight,
+            dead_code_threshold=dead_code_threshold,
+            usage_decay=usage_decay,
+        )
+        shape = dict(
+            image_size=image_size,
+            patch_size=patch_size,
+            width=width,
+            depth=depth,
+            heads=heads,
+            num_tokens=num_tokens,
+            code_dim=code_dim,
+        )
+        self.encoder = TiTokEncoder(**shape)
+        self.quantizer = VectorQuantizer(
+            codebook_size,
+            code_dim,
+            l2_normalize,
+            commitment_weight,
+            dead_code_threshold=dead_code_threshold,
+            usage_decay=usage_decay,
+        )
+        self.decoder = TiTokDecoder(**shape)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> TiTok:
+        """ "L-32" -> size L with 32 tokens; keyword arguments override anything else."""
+        size, num_tokens = name.split("-")
+        return cls(size=size, num_tokens=int(num_tokens), **overrides)
+
+    @property
+    def token_spec(self) -> TokenSpec:
+        c = self.config
+        return TokenSpec("categorical", c["num_tokens"], None, c["codebook_size"], c["code_dim"])
+
+    def code_vectors(self) -> torch.Tensor:
+        return self.quantizer.code_vectors()
+
+    def encode(self, images: torch.Tensor) -> Tokens:
+        return Tokens("categorical", self.quantizer(self.encoder(images)).codes)
+
+    def decode(self, tokens: Tokens, num_tokens: int | None = None) -> torch.Tensor:
+        codes = tokens.data if num_tokens is None else tokens.data[:, :num_tokens]  # (B, k)
+        return self.decoder(self.quantizer.lookup(codes))
+
+    def forward(self, images: torch.Tensor):
+        """images (B, 3, H, W) -> (reconstructions (B, 3, H, W), losses, stats)"""
+        quantized = self.quantizer(self.encoder(images))
+        reconstructions = self.decoder(quantized.quantized)
+        return reconstructions, quantized.losses, {**quantized.stats, "codes": quantized.codes}

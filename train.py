@@ -1,0 +1,90 @@
+"""Train a model: `python train.py +experiment=NAME [key=value ...]`.
+
+The experiment file picks the data, the model and the trainer; every object is built here, once, from its
+config's `_target_`. The run folder (`paths.run_dir`, default `runs/<experiment>`) receives the resolved
+config, checkpoints (`checkpoints/last.ckpt`), sample grids, the exported model (`export/`) and
+`metrics.json`. Running the same command again resumes from `last.ckpt` (this is what a requeued SLURM job
+does); a different config in the same folder is refused instead of silently mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from training.callbacks import ImageGrids, Throughput
+from training.config import ConfigError, check_run_dir, compose_config
+
+# Lightning warns that manual-optimisation checkpoints hold the post-step weights: that is what we want.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fit, validate the final (EMA) weights, export, and write metrics.json. Returns the metrics."""
+    run_dir = Path(cfg.paths.run_dir)
+    resume = check_run_dir(cfg, run_dir, write=rank_zero_only.rank == 0)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=str(checkpoint) if resume else None, weights_only=True
+    )
+    # The last periodic validation may predate the final step: measure the weights that get exported.
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    throughput = next((c for c in callbacks if isinstance(c, Throughput)), None)
+    metrics = {k.removeprefix("val/"): float(v) for k, v in results[0].items()}
+    metrics["steps"] = trainer.global_step
+    if throughput is not None and throughput.images:  # a resumed, already finished run trains no batch
+        metrics["train_images_per_second"] = throughput.images_per_second
+    if trainer.is_global_zero:
+        export_dir = module.export_model().save_pretrained(run_dir / "export")
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"\nexported model: {export_dir}")
+        for grid in next((c.latest.values() for c in callbacks if isinstance(c, ImageGrids)), []):
+            print(f"image grid:     {grid}")
+        print(f"metrics:        {run_dir / 'metrics.json'}")
+        print("  " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # each job of a sweep gets its own stable folder
+        cfg.paths.run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        run(cfg)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+
+
+def precheck(argv: list[str]) -> None:
+    """Fail in one line, before Hydra starts anything, on an unknown experiment, group option or key."""
+    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("--") for a in argv):
+        return  # sweeps and Hydra's own flags (--help, --cfg, ...) are Hydra's to parse
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    try:
+        compose_config(overrides)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    precheck(sys.argv[1:])
+    main()

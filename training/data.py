@@ -1,0 +1,521 @@
+"""Data modules: every source yields batches {"image": float (B, 3, H, W) in [-1, 1], "label": long (B,)}.
+
+Three sources share one batch format and one set of crop transforms, so a recipe changes dataset by changing
+config only:
+
+- PhotosDataModule: natural photos bundled inside scikit-image and scikit-learn, served as random crops.
+  No network, deterministic under a seed, any resolution. Validation crops come from a held-out strip of
+  each photo, so no validation pixel is ever trained on.
+- ClassFolderDataModule: an ImageNet-style folder root/<class>/<image>.
+- ShardsDataModule: webdataset tar shards streamed with resampling, split by rank and worker, for
+  multi-node runs (exactly `batches_per_epoch` batches on every rank, since uneven epochs hang DDP).
+
+Broken images are skipped, counted and warned about, never fatal: one bad JPEG must not kill a week-long run.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import random
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+# ----------------------------------------------------------------------------- tensors and transforms
+def to_tensor_image(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """PIL image or uint8 array (H, W[, 3]) -> float tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Float tensor (..., 3, H, W) in [-1, 1] -> uint8 array (..., H, W, 3), ready for PIL / PNG files."""
+    images = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return images.movedim(-3, -1).cpu().numpy()
+
+
+def _resize_box(image: Image.Image, box: tuple[int, int, int, int], resolution: int) -> Image.Image:
+    """Crop (left, top, right, bottom) and resize to a square in one antialiased bilinear resample."""
+    return image.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box)
+
+
+def random_resized_crop(
+    image: Image.Image, resolution: int, rng: np.random.Generator, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)
+) -> torch.Tensor:
+    """Training view: a crop covering `scale` of the area at aspect `ratio`, random flip -> (3, r, r)."""
+    width, height = image.size
+    area = width * height * rng.uniform(*scale)
+    aspect = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
+    crop_w = int(min(width, max(1, round((area * aspect) ** 0.5))))
+    crop_h = int(min(height, max(1, round((area / aspect) ** 0.5))))
+    left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
+    crop = _resize_box(image, (left, top, left + crop_w, top + crop_h), resolution)
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor_image(crop)
+
+
+def center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Evaluation view: the central square, resized (= resize shorter side, then center crop) -> (3, r, r)."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return to_tensor_image(_resize_box(image, (left, top, left + side, top + side), resolution))
+
+
+def _rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """Explicit values, else torch.distributed if initialised, else RANK / WORLD_SIZE env, else (0, 1)."""
+    if (rank is None) != (world_size is None):
+        raise ValueError("pass both rank and world_size, or neither (auto-detect)")
+    if rank is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ----------------------------------------------------------------------------- embedded photos
+# Files that ship inside skimage/data (the others need a pooch download); the last six are grayscale.
+_SKIMAGE_FILES = (
+    "astronaut.png coffee.png chelsea.png rocket.jpg motorcycle_left.png motorcycle_right.png retina.jpg"
+    " hubble_deep_field.jpg ihc.png camera.png coins.png moon.png gravel.png brick.png grass.png"
+).split()
+
+
+@functools.lru_cache(maxsize=1)
+def load_photos() -> tuple[tuple[str, np.ndarray], ...]:
+    """(name, uint8 (H, W, 3)) for each bundled photo that loads; read from package files, never fetched."""
+    import skimage
+    import sklearn.datasets
+
+    skimage_dir = Path(skimage.__file__).parent / "data"
+    sklearn_dir = Path(sklearn.datasets.__file__).parent / "images"
+    paths = {file.split(".")[0]: skimage_dir / file for file in _SKIMAGE_FILES}
+    paths["immunohistochemistry"] = paths.pop("ihc")
+    paths |= {"china": sklearn_dir / "china.jpg", "flower": sklearn_dir / "flower.jpg"}
+    photos = []
+    for name, path in paths.items():
+        try:
+            with Image.open(path) as image:
+                photos.append((name, np.asarray(image.convert("RGB"))))  # grayscale -> RGB
+        except OSError as exn:
+            warnings.warn(f"embedded photo {name!r} not available ({exn}); dropped", stacklevel=2)
+    if not photos:
+        raise RuntimeError("no embedded photos could be loaded from scikit-image / scikit-learn")
+    return tuple(photos)
+
+
+def _val_start(width: int, val_fraction: float) -> int:
+    """First column of the held-out validation strip (the right-most `val_fraction` of the columns)."""
+    return min(width - 1, max(1, round(width * (1 - val_fraction))))
+
+
+class PhotoCrops(Dataset):
+    """Square crops of the embedded photos; crop_box(key) -> (photo, top, left, side, flip) is pure.
+
+    Training: the key is a global sample id g; rng([seed, 0, g]) picks the photo uniformly and a crop of side
+    s * min(region) with s ~ U[min_scale, 1] inside the photo's training region (the columns left of the
+    validation strip), plus a flip. So sample g is the same crop in every run and on every rank.
+    Validation: key i -> crop i % val_per_class of photo i // val_per_class, inside the held-out strip, with
+    the training side distribution, shrunk to the largest square that fits when the strip is narrower.
+    """
+
+    def __init__(
+        self,
+        photos: tuple[tuple[str, np.ndarray], ...],
+        resolution: int,
+        train: bool,
+        seed: int = 0,
+        min_scale: float = 0.25,
+        val_fraction: float = 0.25,
+        length: int = 4096,
+        val_per_class: int = 8,
+    ):
+        if not 0 < val_fraction < 1 or not 0 < min_scale <= 1:
+            raise ValueError(
+                f"need 0 < val_fraction < 1 and 0 < min_scale <= 1, got {val_fraction}, {min_scale}"
+            )
+        self.photos = [array for _, array in photos]
+        self.val_starts = [_val_start(array.shape[1], val_fraction) for array in self.photos]
+        self.resolution, self.train, self.seed, self.min_scale = resolution, train, seed, min_scale
+        self.val_per_class = val_per_class
+        self.length = length if train else len(self.photos) * val_per_class
+
+    def __len__(self) -> int:
+        return self.length  # training: samples per epoch; the sampler hands out ids beyond it in later epochs
+
+    def region(self, photo: int) -> tuple[int, int]:
+        """Column range [start, stop) that this split may read from `photo`."""
+        start, width = self.val_starts[photo], self.photos[photo].shape[1]
+        return (0, start) if self.train else (start, width)
+
+    def crop_box(self, key: int) -> tuple[int, int, int, int, bool]:
+        if self.train:
+            rng = np.random.default_rng([self.seed, 0, key])
+            photo = int(rng.integers(len(self.photos)))
+        else:
+            photo = key // self.val_per_class
+            rng = np.random.default_rng([self.seed, 1, photo, key % self.val_per_class])
+        height = self.photos[photo].shape[0]
+        col_start, col_stop = self.region(photo)
+        train_side = min(height, self.val_starts[photo])  # sides follow the training region's scale
+        side = max(1, min(round(rng.uniform(self.min_scale, 1.0) * train_side), height, col_stop - col_start))
+        top = int(rng.integers(0, height - side + 1))
+        left = col_start + int(rng.integers(0, col_stop - col_start - side + 1))
+        return photo, top, left, side, bool(self.train and rng.random() < 0.5)
+
+    def __getitem__(self, key: int) -> dict:
+        photo, top, left, side, flip = self.crop_box(key)
+        crop = np.ascontiguousarray(self.photos[photo][top : top + side, left : left + side])  # (s, s, 3)
+        image = Image.fromarray(crop).resize((self.resolution,) * 2, Image.Resampling.BILINEAR)
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return {"image": to_tensor_image(image), "label": photo}
+
+
+class GlobalIdSampler(DistributedSampler):
+    """Yields global ids epoch * samples_per_epoch + i for this rank's share of i in [0, samples_per_epoch).
+
+    Subclassing DistributedSampler makes Lightning keep it under DDP instead of injecting its own, and call
+    set_epoch on it each epoch: epochs then see new crops while an id always maps to the same crop. Every
+    rank gets samples_per_epoch // world_size ids (the remainder is dropped) so ranks stay in step.
+    """
+
+    def __init__(self, samples_per_epoch: int, num_replicas: int | None = None, rank: int | None = None):
+        if num_replicas is None or rank is None:  # DistributedSampler would raise without a process group
+            initialised = dist.is_available() and dist.is_initialized()
+            num_replicas, rank = (dist.get_world_size(), dist.get_rank()) if initialised else (1, 0)
+        super().__init__(
+            range(samples_per_epoch),
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=False,
+            drop_last=True,
+        )
+        self.samples_per_epoch = samples_per_epoch
+
+    def __iter__(self):
+        start = self.epoch * self.samples_per_epoch
+        return iter(range(start + self.rank, start + self.total_size, self.num_replicas))
+
+
+class PhotosDataModule(L.LightningDataModule):
+    """The embedded default dataset: random crops of bundled photos, label = source photo."""
+
+    def __init__(
+        self,
+        resolution: int,
+        batch_size: int,
+        num_workers: int = 0,
+        seed: int = 0,
+        samples_per_epoch: int = 4096,
+        val_per_class: int = 8,
+        val_fraction: float = 0.25,
+        min_scale: float = 0.25,
+    ):
+        super().__init__()
+        photos = load_photos()
+        self.class_names = [name for name, _ in photos]
+        self.num_classes = len(photos)
+        self.batch_size, self.num_workers, self.samples_per_epoch = batch_size, num_workers, samples_per_epoch
+        common = dict(resolution=resolution, seed=seed, min_scale=min_scale, val_fraction=val_fraction)
+        self.train_dataset = PhotoCrops(photos, train=True, length=samples_per_epoch, **common)
+        self.val_dataset = PhotoCrops(photos, train=False, val_per_class=val_per_class, **common)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = GlobalIdSampler(self.samples_per_epoch)  # built here: after DDP init
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,  # no worker start-up at every (short) epoch
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        # A few hundred in-memory crops: worker processes would cost more than they save.
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False)
+
+
+# ----------------------------------------------------------------------------- class folders
+def scan_class_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+    """root/<class>/<image> -> (sorted class names, sorted [(path, label)]); ValueError if none found."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    files = [
+        (str(path), label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).iterdir())
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    if not files:
+        raise ValueError(f"no images found in class folder {root} (expected root/<class>/<image>)")
+    return classes, files
+
+
+def _held_out(path: str, val_fraction: float) -> bool:
+    """Stable hold-out: hash of the file name, so the split ignores the seed and survives added files."""
+    digest = hashlib.sha1(Path(path).name.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+class ImageFiles(Dataset):
+    """(path, label) list -> {"image", "label"}; a file that fails to decode is replaced by the next good one.
+
+    Training crops draw from torch's RNG (seeded per worker by the DataLoader / seed_everything).
+    `num_skipped` counts distinct bad files seen by this process (each dataloader worker has its own copy).
+    """
+
+    def __init__(self, files: list[tuple[str, int]], resolution: int, train: bool):
+        self.files, self.resolution, self.train = files, resolution, train
+        self.skipped: set[str] = set()
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self.files)):
+            path, label = self.files[(index + attempt) % len(self.files)]
+            try:
+                with Image.open(path) as image:
+                    image = image.convert("RGB")
+            except Exception as exn:  # any decoder error: skip, never stop the run
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    warnings.warn(
+                        f"skipping unreadable image {path} ({exn!r}); {self.num_skipped} skipped so far",
+                        stacklevel=2,
+                    )
+                continue
+            if self.train:
+                rng = np.random.default_rng(int(torch.randint(2**62, ())))
+                return {"image": random_resized_crop(image, self.resolution, rng), "label": label}
+            return {"image": center_crop(image, self.resolution), "label": label}
+        raise RuntimeError(f"none of the {len(self.files)} images could be decoded")
+
+
+class ClassFolderDataModule(L.LightningDataModule):
+    """ImageNet layout root/<class>/<image>; without val_root, a stable `val_fraction` is held out."""
+
+    def __init__(
+        self,
+        root: str,
+        resolution: int,
+        batch_size: int,
+        val_root: str | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.05,
+    ):
+        super().__init__()
+        self.class_names, files = scan_class_folder(root)
+        self.num_classes = len(self.class_names)
+        if val_root is None:
+            train_files = [f for f in files if not _held_out(f[0], val_fraction)]
+            val_files = [f for f in files if _held_out(f[0], val_fraction)]
+        else:
+            val_classes, val_files = scan_class_folder(val_root)
+            if val_classes != self.class_names:
+                raise ValueError(f"class folders differ between {root} and {val_root}")
+            train_files = files
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.train_dataset = ImageFiles(train_files, resolution, train=True)
+        self.val_dataset = ImageFiles(val_files, resolution, train=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+        )
+
+
+# ----------------------------------------------------------------------------- webdataset shards
+def _split(items: list, index: int, count: int, strict: bool) -> list:
+    """items[index::count]; when not strict and there are fewer items than parts, every part gets them all."""
+    return items[index::count] if strict or len(items) >= count else items
+
+
+class ShardStream:
+    """One split of a sharded dataset: the stages of a webdataset pipeline plus their shared state.
+
+    The stages run inside dataloader workers; rank and world size are fixed in the main process (workers
+    cannot always see torch.distributed) and the worker id is read at iteration time. Training resamples this
+    rank's shards forever with an RNG seeded from (seed, rank, worker, epoch), so runs are reproducible and
+    set_epoch (called by Lightning each epoch) gives new data. Validation reads each shard once: shards are
+    split by rank, then by worker, without shuffling.
+    """
+
+    def __init__(
+        self,
+        urls: str,
+        rank: int,
+        world_size: int,
+        resolution: int,
+        train: bool,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+    ):
+        self.urls = list(wds.shardlists.expand_urls(urls))
+        self.rank, self.world_size, self.resolution, self.train = rank, world_size, resolution, train
+        self.seed, self.shuffle_buffer, self.epoch, self.num_skipped = seed, shuffle_buffer, 0, 0
+        if len(self.urls) < world_size:
+            warnings.warn(
+                f"{len(self.urls)} shards for {world_size} ranks: "
+                + ("ranks will resample the same shards" if train else "some ranks get no data"),
+                stacklevel=2,
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _worker(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def _seed(self, stage: int) -> list[int]:
+        return [self.seed, self.rank, self._worker()[0], self.epoch, stage]
+
+    def shards(self):
+        """Pipeline source: {"url": ...} dicts for this rank and worker."""
+        worker, num_workers = self._worker()
+        mine = _split(self.urls, self.rank, self.world_size, strict=not self.train)
+        mine = _split(mine, worker, num_workers, strict=not self.train)
+        if not self.train:
+            yield from ({"url": url} for url in mine)
+            return
+        rng = random.Random(str(self._seed(0)))
+        while True:
+            yield {"url": rng.choice(mine)}
+
+    def shuffle(self, samples):
+        """Buffer shuffle with a seeded RNG (webdataset's default RNG is seeded from the clock)."""
+        rng, buffer = random.Random(str(self._seed(1))), []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                index = rng.randrange(len(buffer))
+                buffer[index], buffer[-1] = buffer[-1], buffer[index]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def skip(self, exn: Exception, what: str = "shard data") -> bool:
+        """Handler for broken tar members / samples: count, warn, keep going."""
+        self.num_skipped += 1
+        warnings.warn(
+            f"skipping {what} ({exn!r}); {self.num_skipped} skipped so far in this process", stacklevel=2
+        )
+        return True
+
+    def decode(self, samples):
+        """Raw tar samples -> {"image": (3, r, r), "label": int}, with the same views as class folders."""
+        rng = np.random.default_rng(self._seed(2))
+        for sample in samples:
+            try:
+                key = next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
+                if key is None:
+                    raise KeyError(f"no image among keys {sorted(sample)}")
+                with Image.open(io.BytesIO(sample[key])) as image:
+                    image = image.convert("RGB")
+                label = int(sample["cls"])
+            except Exception as exn:
+                self.skip(exn, f"sample {sample.get('__key__')} of {sample.get('__url__')}")
+                continue
+            view = (
+                random_resized_crop(image, self.resolution, rng)
+                if self.train
+                else center_crop(image, self.resolution)
+            )
+            yield {"image": view, "label": label}
+
+
+class ShardsDataModule(L.LightningDataModule):
+    """Webdataset shards ("data/train-{000000..000127}.tar") with keys jpg|png|webp and cls.
+
+    `rank` / `world_size` override auto-detection (torch.distributed, then RANK / WORLD_SIZE env vars).
+    class_names come from classes.json beside the train shards when present (written by make_shards.py).
+    """
+
+    def __init__(
+        self,
+        train_shards: str,
+        val_shards: str | None,
+        batches_per_epoch: int,
+        num_classes: int,
+        resolution: int,
+        batch_size: int,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.batches_per_epoch, self.shuffle_buffer = batches_per_epoch, shuffle_buffer
+        self.num_classes, self.resolution, self.batch_size = num_classes, resolution, batch_size
+        self.num_workers, self.seed, self.rank, self.world_size = num_workers, seed, rank, world_size
+        classes_file = Path(next(iter(wds.shardlists.expand_urls(train_shards)))).parent / "classes.json"
+        self.class_names = [str(i) for i in range(num_classes)]
+        if classes_file.is_file():
+            names = json.loads(classes_file.read_text())
+            if len(names) != num_classes:
+                raise ValueError(f"{classes_file} lists {len(names)} classes but num_classes={num_classes}")
+            self.class_names = [names[str(i)] for i in range(num_classes)]
+        self.train_stream = self.val_stream = None  # built by the *_dataloader() calls, after DDP init
+
+    def _loader(self, urls: str, train: bool) -> tuple[ShardStream, wds.WebLoader]:
+        rank, world_size = _rank_and_world_size(self.rank, self.world_size)
+        stream = ShardStream(urls, rank, world_size, self.resolution, train, self.seed, self.shuffle_buffer)
+        stages = [stream.shards, wds.tarfile_to_samples(handler=stream.skip)]
+        stages += [stream.shuffle] if stream.train else []
+        stages += [
+            stream.decode,
+            wds.batched(self.batch_size, collation_fn=default_collate, partial=not train),
+        ]
+        return stream, wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> wds.WebLoader:
+        self.train_stream, loader = self._loader(self.train_shards, train=True)
+        # Epoch length is counted on the loader, across workers: exactly batches_per_epoch on every rank.
+        loader = loader.with_epoch(self.batches_per_epoch)
+        loader.sampler = self.train_stream  # Lightning calls loader.sampler.set_epoch(epoch) every epoch
+        return loader.with_length(self.batches_per_epoch, silent=True)
+
+    def val_dataloader(self) -> wds.WebLoader | list:
+        if self.val_shards is None:
+            return []
+        self.val_stream, loader = self._loader(self.val_shards, train=False)
+        return loader
