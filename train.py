@@ -17,13 +17,13 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from training.callbacks import ImageGrids, Throughput
-from training.config import ConfigError, check_run_dir, compose_config
+from training.config import ConfigError, check_run_dir, compose_config, save_run_config
 
 # Lightning warns that manual-optimisation checkpoints hold the post-step weights: that is what we want.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -32,19 +32,22 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 def run(cfg: DictConfig) -> dict:
     """Fit, validate the final (EMA) weights, export, and write metrics.json. Returns the metrics."""
     run_dir = Path(cfg.paths.run_dir)
-    resume = check_run_dir(cfg, run_dir, write=rank_zero_only.rank == 0)
-    L.seed_everything(cfg.seed, workers=True)
+    checkpoint = check_run_dir(cfg, run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.module)
+    try:
+        datamodule = instantiate(cfg.data)
+        module = instantiate(cfg.module)
+    except InstantiationException as error:  # a missing weights file, a bad argument: say it in one line
+        cause = error.__cause__ or error
+        raise ConfigError(f"{type(cause).__name__}: {cause}") from error
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    if trainer.is_global_zero:  # only once everything was built: a failed start leaves no config behind
+        save_run_config(cfg, run_dir)
 
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(
-        module, datamodule=datamodule, ckpt_path=str(checkpoint) if resume else None, weights_only=True
-    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
     # The last periodic validation may predate the final step: measure the weights that get exported.
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
 

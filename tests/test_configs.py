@@ -1,4 +1,5 @@
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import get_class, instantiate
 
-from training.config import ConfigError, check_run_dir, compose_config, group_options
+from training.config import ConfigError, check_run_dir, compose_config, group_options, save_run_config
 
 EXPERIMENTS = group_options("experiment")
 REPO = Path(__file__).resolve().parent.parent
@@ -96,10 +97,69 @@ def test_train_py_fails_in_one_line_before_any_work():
 def test_run_folder_refuses_a_different_config(tmp_path):
     run_dir = tmp_path / "run"
     cfg = compose_config(["+experiment=titok_quickstart"])
-    assert check_run_dir(cfg, run_dir) is False  # new folder: config saved, nothing to resume
-    assert (
-        check_run_dir(compose_config(["+experiment=titok_quickstart", "trainer.max_steps=5000"]), run_dir)
-        is False
-    )
+    assert check_run_dir(cfg, run_dir) is None  # new folder: nothing to resume
+    save_run_config(cfg, run_dir)
+    longer = compose_config(["+experiment=titok_quickstart", "trainer.max_steps=5000"])
+    assert check_run_dir(longer, run_dir) is None  # a longer schedule is a resumable change
     with pytest.raises(ConfigError, match=r"module\.lr"):
         check_run_dir(compose_config(["+experiment=titok_quickstart", "module.lr=0.1"]), run_dir)
+
+
+def test_resume_picks_the_newest_checkpoint(tmp_path):
+    cfg = compose_config(["+experiment=titok_quickstart"])
+    (tmp_path / "checkpoints").mkdir()
+    last, hpc = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt"
+    last.write_bytes(b"")
+    assert check_run_dir(cfg, tmp_path) == last
+    hpc.write_bytes(b"")  # a SLURM pre-emption checkpoint written after last.ckpt
+    os.utime(last, (1, 1))
+    assert check_run_dir(cfg, tmp_path) == hpc
+
+
+def test_missing_weights_file_fails_in_one_line_naming_the_setting(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "+experiment=titok_quickstart",
+            "module.loss.perceptual_weight=1.0",
+            f"paths.run_dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "paths.vgg_weights" in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "run" / "config.yaml").exists()  # a failed start leaves nothing to trip over
+
+
+def test_slurm_launcher_matches_the_trainer():
+    from hydra import compose, initialize_config_dir
+
+    from training.config import CONFIG_DIR
+
+    overrides = [
+        "+experiment=titok_l32_imagenet",
+        "trainer=slurm",
+        "trainer.num_nodes=4",
+        "hydra/launcher=slurm",
+    ]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (4, 8, 8)
+    assert launcher.signal_delay_s > 0  # SIGUSR1 ahead of the limit, for Lightning's requeue
+
+
+def test_sbatch_template_runs_one_task_per_gpu():
+    script = (REPO / "scripts" / "slurm" / "train.sbatch").read_text()
+    assert "srun python train.py trainer=slurm" in script
+    sbatch_lines = [line.split()[1] for line in script.splitlines() if line.startswith("#SBATCH")]
+    options = dict(option.partition("=")[::2] for option in sbatch_lines)
+    tasks, gpus = options["--ntasks-per-node"], options["--gpus-per-node"]
+    assert tasks == gpus
+    assert 'trainer.devices="${SLURM_NTASKS_PER_NODE}"' in script
+    assert "--signal=SIGUSR1" in script and "--requeue" in script

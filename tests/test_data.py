@@ -102,7 +102,9 @@ def test_photo_labels_cover_photos_and_train_val_disjoint():
     train_boxes = [train.crop_box(g) for g in range(3000)]
     assert {box[0] for box in train_boxes} == set(range(dm.num_classes))
     val_boxes = [val.crop_box(i) for i in range(len(val))]
-    assert [box[0] for box in val_boxes] == [p for p in range(dm.num_classes) for _ in range(4)]
+    assert [box[0] for box in val_boxes] == [
+        p for _ in range(4) for p in range(dm.num_classes)
+    ]  # interleaved
     for split, boxes in ((train, train_boxes), (val, val_boxes)):
         for photo, top, left, side, _ in boxes:
             start, stop = split.region(photo)

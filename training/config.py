@@ -79,16 +79,17 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def check_run_dir(cfg: DictConfig, run_dir: Path, write: bool = True) -> bool:
-    """Save the resolved config in the run folder, or check it matches the one saved there.
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from in `run_dir`, or None for a new run.
 
-    Returns True when the folder already holds a run (so training should resume). A run folder whose saved
-    config differs (beyond RESUMABLE_CHANGES) is an error: resuming it would silently train another model.
+    A run folder whose saved config differs (beyond RESUMABLE_CHANGES) is an error: resuming it would
+    silently train another model. The newest of `checkpoints/last.ckpt` and Lightning's SLURM checkpoints
+    (`hpc_ckpt_N.ckpt`, written on SIGUSR1 before a requeue) wins.
     """
     saved_file = run_dir / "config.yaml"
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     if saved_file.is_file():
         saved = yaml.safe_load(saved_file.read_text()) or {}
+        resolved = OmegaConf.to_container(cfg, resolve=True)
         changed = [k for k in config_differences(saved, resolved) if not k.startswith(RESUMABLE_CHANGES)]
         if changed:
             shown = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
@@ -96,7 +97,12 @@ def check_run_dir(cfg: DictConfig, run_dir: Path, write: bool = True) -> bool:
                 f"{run_dir} holds a run with a different config ({shown} changed); to start fresh delete "
                 f"{run_dir} or pass paths.run_dir=<new folder>, to resume drop those overrides"
             )
-    if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
-    return (run_dir / "checkpoints" / "last.ckpt").is_file()
+    checkpoints = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    checkpoints = [c for c in checkpoints if c.is_file()]
+    return max(checkpoints, key=lambda c: c.stat().st_mtime) if checkpoints else None
+
+
+def save_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))

@@ -133,7 +133,8 @@ class PhotoCrops(Dataset):
     Training: the key is a global sample id g; rng([seed, 0, g]) picks the photo uniformly and a crop of side
     s * min(region) with s ~ U[min_scale, 1] inside the photo's training region (the columns left of the
     validation strip), plus a flip. So sample g is the same crop in every run and on every rank.
-    Validation: key i -> crop i % val_per_class of photo i // val_per_class, inside the held-out strip, with
+    Validation: key i -> crop i // num_photos of photo i % num_photos (photos interleaved, so the first
+    batch, which becomes the reconstruction grid, shows every photo), inside the held-out strip, with
     the training side distribution, shrunk to the largest square that fits when the strip is narrower.
     """
 
@@ -171,8 +172,8 @@ class PhotoCrops(Dataset):
             rng = np.random.default_rng([self.seed, 0, key])
             photo = int(rng.integers(len(self.photos)))
         else:
-            photo = key // self.val_per_class
-            rng = np.random.default_rng([self.seed, 1, photo, key % self.val_per_class])
+            photo = key % len(self.photos)
+            rng = np.random.default_rng([self.seed, 1, photo, key // len(self.photos)])
         height = self.photos[photo].shape[0]
         col_start, col_stop = self.region(photo)
         train_side = min(height, self.val_starts[photo])  # sides follow the training region's scale
