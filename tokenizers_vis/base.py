@@ -8,9 +8,10 @@ A tokenizer is an `nn.Module` with
     forward(images) -> (reconstructions, losses dict, stats dict)
     code_vectors()                     the latent vector behind each discrete code (V, D)
 
-Exported models are a folder holding `config.json` (the class name plus its constructor arguments) and
-`model.safetensors`; `from_pretrained(folder)` rebuilds the module from those two files alone, with a strict
-key check and without unpickling anything (diffusers' convention).
+Exported models (tokenizers and generators alike, through `Exportable`) are a folder holding
+`config.json` (the class name plus its constructor arguments) and `model.safetensors`;
+`from_pretrained(folder)` rebuilds the module from those two files alone, with a strict key check and
+without unpickling anything (diffusers' convention).
 """
 
 from __future__ import annotations
@@ -58,11 +59,11 @@ class Tokens:
         return self.data.shape[0]
 
 
-_REGISTRY: dict[str, type[Tokenizer]] = {}
+_REGISTRY: dict[str, type] = {}
 
 
 def register(name: str):
-    """Class decorator: make a tokenizer loadable by `from_pretrained` under `name`."""
+    """Class decorator: make a model (tokenizer or generator) loadable by `from_pretrained` under `name`."""
 
     def wrap(cls):
         cls.registry_name = name
@@ -72,11 +73,32 @@ def register(name: str):
     return wrap
 
 
-class Tokenizer(nn.Module):
-    """Base class: subclasses store their constructor arguments in `self.config` (JSON-serialisable)."""
+class Exportable:
+    """Save/load as a folder of config.json + model.safetensors (diffusers' convention), without Hydra.
+
+    Subclasses are nn.Modules that keep their constructor arguments in `self.config` (JSON-serialisable)
+    and are registered with `@register(name)`.
+    """
 
     registry_name: str = ""
     config: dict
+
+    def export_metadata(self) -> dict:
+        """Extra, informative entries for config.json (ignored when loading)."""
+        return {}
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"class": self.registry_name, "config": self.config, **self.export_metadata()}
+        (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"))
+        return folder
+
+
+class Tokenizer(Exportable, nn.Module):
+    """Base class of every tokenizer (see the module docstring for the interface)."""
 
     @property
     def token_spec(self) -> TokenSpec:
@@ -95,31 +117,25 @@ class Tokenizer(nn.Module):
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(images))
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {"class": self.registry_name, "config": self.config, "token_spec": asdict(self.token_spec)}
-        (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / "model.safetensors"))
-        return folder
+    def export_metadata(self) -> dict:
+        return {"token_spec": asdict(self.token_spec)}
 
 
-def from_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
-    """Rebuild an exported tokenizer from `folder/config.json` + `folder/model.safetensors` (strict)."""
+def from_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an exported model from `folder/config.json` + `folder/model.safetensors` (strict keys)."""
     folder = Path(folder)
     config_file, weights_file = folder / "config.json", folder / "model.safetensors"
     for f in (config_file, weights_file):
         if not f.is_file():
-            raise FileNotFoundError(f"not an exported tokenizer: {f} is missing")
-    # Importing the package registers every tokenizer class.
+            raise FileNotFoundError(f"not an exported model: {f} is missing")
+    # Importing the packages registers every model class.
+    import generators  # noqa: F401
     import tokenizers_vis  # noqa: F401
 
     meta = json.loads(config_file.read_text())
     if meta.get("class") not in _REGISTRY:
-        raise ValueError(
-            f"{config_file}: unknown tokenizer class {meta.get('class')!r}; known: {sorted(_REGISTRY)}"
-        )
+        known = sorted(_REGISTRY)
+        raise ValueError(f"{config_file}: unknown model class {meta.get('class')!r}; known: {known}")
     model = _REGISTRY[meta["class"]](**meta["config"])
     model.load_state_dict(load_file(str(weights_file), device=str(device)), strict=True)
     return model.to(device).eval()
