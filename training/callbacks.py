@@ -12,15 +12,16 @@ from torchvision.utils import save_image
 
 
 class ImageGrids(L.Callback):
-    """After every validation, save each grid the module offers (`val_grids()`) as a PNG.
+    """After every validation, save each grid the module offers as a PNG.
 
+    The module's `val_grids()` returns {name: (images (K, 3, H, W) in [-1, 1], images per row)}.
     `grids/<name>_step<N>.png` keeps the history; `grids/<name>.png` is always the latest. Small images are
     upscaled (nearest neighbour) so a 32x32 crop is still readable in an image viewer.
     """
 
-    def __init__(self, run_dir: str, pairs_per_row: int = 4, min_size: int = 128):
+    def __init__(self, run_dir: str, min_size: int = 128):
         self.folder = Path(run_dir) / "grids"
-        self.pairs_per_row, self.min_size = pairs_per_row, min_size
+        self.min_size = min_size
         self.latest: dict[str, Path] = {}
 
     @rank_zero_only
@@ -28,17 +29,17 @@ class ImageGrids(L.Callback):
         if trainer.sanity_checking or not hasattr(pl_module, "val_grids"):
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        for name, images in pl_module.val_grids().items():
+        for name, (images, per_row) in pl_module.val_grids().items():
             scale = max(1, self.min_size // images.shape[-1])
             images = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest")
-            grid_args = dict(nrow=2 * self.pairs_per_row, padding=2, normalize=True, value_range=(-1, 1))
+            grid_args = dict(nrow=per_row, padding=2, normalize=True, value_range=(-1, 1))
             save_image(images, self.folder / f"{name}_step{trainer.global_step:06d}.png", **grid_args)
             save_image(images, self.folder / f"{name}.png", **grid_args)
             self.latest[name] = self.folder / f"{name}.png"
 
 
 class Throughput(L.Callback):
-    """Training images per second over all ranks, timed around training steps only (not validation)."""
+    """Training samples (images or token sequences) per second over all ranks, timed around training steps."""
 
     def __init__(self):
         self.images, self.seconds = 0, 0.0
@@ -48,7 +49,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.seconds += time.perf_counter() - self._start
-        self.images += len(batch["image"]) * trainer.world_size
+        self.images += len(batch["label"]) * trainer.world_size
         pl_module.log("train/images_per_second", self.images_per_second)
 
     @property

@@ -520,3 +520,69 @@ class ShardsDataModule(L.LightningDataModule):
             return []
         self.val_stream, loader = self._loader(self.val_shards, train=False)
         return loader
+
+
+# ----------------------------------------------------------------------------- extracted token codes
+def load_codes(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, tensors) written by scripts/extract_codes.py: tokens (M, N) [, tokens_flip], labels (M,)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file():
+        raise FileNotFoundError(
+            f"no extracted codes in {folder} (meta.json missing): run scripts/extract_codes.py"
+        )
+    meta = json.loads((folder / "meta.json").read_text())
+    shards = [load_file(str(folder / name)) for name in meta["shards"]]
+    return meta, {key: torch.cat([shard[key] for shard in shards]) for key in shards[0]}
+
+
+class CodeSamples(Dataset):
+    """Token sequences with labels; in training, the mirrored image's tokens half of the time."""
+
+    def __init__(self, codes: dict[str, torch.Tensor], indices: torch.Tensor, train: bool):
+        self.tokens, self.labels = codes["tokens"][indices], codes["labels"][indices]
+        self.flipped = codes["tokens_flip"][indices] if train and "tokens_flip" in codes else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        tokens = self.tokens[index]
+        if self.flipped is not None and torch.rand(()) < 0.5:
+            tokens = self.flipped[index]
+        return {"tokens": tokens.long(), "label": self.labels[index]}
+
+
+class CodesDataModule(L.LightningDataModule):
+    """Stage-2 data: pre-extracted token shards. Batches {"tokens": (B, N) long, "label": (B,)}.
+
+    The last `val_fraction` of the samples (in extraction order) is held out for the validation loss.
+    """
+
+    def __init__(
+        self, codes_dir: str, batch_size: int, num_workers: int = 0, seed: int = 0, val_fraction: float = 0.05
+    ):
+        super().__init__()
+        self.meta, codes = load_codes(codes_dir)
+        self.num_classes = int(self.meta["num_classes"])
+        self.token_spec = self.meta["token_spec"]
+        count = len(codes["labels"])
+        num_val = max(1, int(count * val_fraction))
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.train_dataset = CodeSamples(codes, torch.arange(count - num_val), train=True)
+        self.val_dataset = CodeSamples(codes, torch.arange(count - num_val, count), train=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False)

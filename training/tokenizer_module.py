@@ -135,12 +135,12 @@ class TokenizerModule(L.LightningModule):
         }
         self.log_dict({f"val/{k}": v.float() for k, v in metrics.items()}, sync_dist=True, prog_bar=True)
 
-    def val_grids(self) -> dict[str, torch.Tensor]:
-        """Images for the grid callback: originals and reconstructions interleaved, pair by pair."""
+    def val_grids(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """Originals and reconstructions interleaved, four pairs per row."""
         originals = torch.cat(self._val["originals"])
         reconstructions = torch.cat(self._val["reconstructions"])
         pairs = torch.stack([originals, reconstructions], dim=1).flatten(0, 1)  # (2K, 3, H, W)
-        return {"reconstructions": pairs}
+        return {"reconstructions": (pairs, 8)}
 
     def export_model(self) -> Tokenizer:
         return self.ema
