@@ -41,6 +41,11 @@ def run(cfg: DictConfig) -> dict:
     except InstantiationException as error:  # a missing weights file, a bad argument: say it in one line
         cause = error.__cause__ or error
         raise ConfigError(f"{type(cause).__name__}: {cause}") from error
+    if hasattr(module, "check_data"):  # e.g. a generator's vocabulary against the extracted codes
+        try:
+            module.check_data(datamodule)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))

@@ -1,0 +1,16 @@
+"""Generators over tokenizer tokens: a LlamaGen-style GPT backbone with pluggable heads (heads.py)."""
+
+from .gpt import GPT, GPT_SIZES, KVCache
+from .heads import CategoricalEmbedding, CategoricalHead, Head, TokenEmbedding, make_embedding, make_head
+
+__all__ = [
+    "GPT",
+    "GPT_SIZES",
+    "KVCache",
+    "CategoricalEmbedding",
+    "CategoricalHead",
+    "Head",
+    "TokenEmbedding",
+    "make_embedding",
+    "make_head",
+]

@@ -27,9 +27,11 @@ def group_options(group: str) -> list[str]:
 
 def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
     """Compose `configs/<config_name>.yaml` with overrides; any error becomes a one-line ConfigError."""
+    primary = yaml.safe_load((CONFIG_DIR / f"{config_name}.yaml").read_text()) or {}
+    groups = {next(iter(d)) for d in primary.get("defaults", []) if isinstance(d, dict)} | {"experiment"}
     for override in overrides:
         match = re.match(r"^\+?\+?([\w/]+)=(.*)$", override)
-        if match and (CONFIG_DIR / match.group(1)).is_dir() and match.group(1) != "hydra":
+        if match and match.group(1) in groups:
             group, choice = match.groups()
             options = group_options(group)
             if choice not in options and choice != "null":

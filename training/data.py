@@ -564,6 +564,7 @@ class CodesDataModule(L.LightningDataModule):
         self, codes_dir: str, batch_size: int, num_workers: int = 0, seed: int = 0, val_fraction: float = 0.05
     ):
         super().__init__()
+        self.codes_dir = codes_dir
         self.meta, codes = load_codes(codes_dir)
         self.num_classes = int(self.meta["num_classes"])
         self.token_spec = self.meta["token_spec"]

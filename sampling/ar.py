@@ -1,0 +1,91 @@
+"""Plain autoregressive sampling: one new token per row per forward pass (LlamaGen's sampler).
+
+Per step: logits of the next position; with guidance (cfg_scale != 1) a doubled batch [conditional; null
+class] goes through the model as one call and the two halves combine as uncond + s * (cond - uncond); then
+temperature, top-k, top-p and one multinomial draw (sampling/common.py).
+
+`use_cache=True` prefills the class position and decodes one token per step against the KV cache;
+`use_cache=False` recomputes the whole prefix with the full forward pass every step (the baseline of
+scripts/bench_sampling.py). Both issue the same random draws in the same order, so under the same seeded
+generator they give the same tokens. Guidance scale 1 skips the doubled batch entirely, so it is exactly
+conditional sampling.
+
+The model protocol (generators.GPT; test stubs implement the same): `num_tokens`, `null_class`,
+`setup_cache(batch_size, max_len)`, `prefill(labels) -> (B, 1, D)`, `decode(tokens (B, k)) -> (B, k, D)`,
+`clear_cache()`, `forward_prefix(tokens (B, T), labels) -> (B, 1 + T, D)`, `logits(hidden) -> (..., V)`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .common import SampleResult, cfg_scale_at, filter_logits, guided_logits, sample_logits
+
+
+@torch.no_grad()
+def sample_ar(
+    model,
+    labels: torch.Tensor,
+    num_tokens: int | None = None,
+    cfg_scale: float = 1.0,
+    cfg_schedule: str = "constant",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> SampleResult:
+    """labels (B,) -> SampleResult with tokens (B, num_tokens); num_tokens defaults to the model's N.
+
+    The model runs in eval mode on its own device (its previous mode is restored afterwards); `generator`
+    must live on that device.
+    """
+    num_tokens = model.num_tokens if num_tokens is None else num_tokens
+    if not 1 <= num_tokens <= model.num_tokens:
+        raise ValueError(f"num_tokens={num_tokens}; the model generates 1 to {model.num_tokens}")
+    cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule)  # rejects an unknown schedule up front
+    device = next(model.parameters()).device
+    labels = labels.to(device)
+    guided = cfg_scale != 1.0
+    rows = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels  # (B or 2B,)
+
+    def doubled(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x]) if guided else x
+
+    tokens = torch.zeros(labels.shape[0], num_tokens, dtype=torch.long, device=device)  # (B, N)
+    passes = 0
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        if use_cache:
+            model.setup_cache(rows.shape[0], max_len=num_tokens)  # class + tok0 .. tok(N-2)
+            hidden = model.prefill(rows)[:, -1]  # (B or 2B, D)
+            passes += 1
+        for step in range(num_tokens):
+            if not use_cache:
+                hidden = model.forward_prefix(doubled(tokens[:, :step]), rows)[:, -1]
+                passes += 1
+            logits = model.logits(hidden).float()  # (B or 2B, V)
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = guided_logits(cond, uncond, cfg_scale_at(step, num_tokens, cfg_scale, cfg_schedule))
+            tokens[:, step] = sample_logits(filter_logits(logits, temperature, top_k, top_p), generator)
+            if use_cache and step + 1 < num_tokens:
+                hidden = model.decode(doubled(tokens[:, step : step + 1]))[:, -1]
+                passes += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        if use_cache:
+            model.clear_cache()
+        model.train(was_training)
+    stats = {
+        "forward_passes": passes,
+        "tokens_per_pass": num_tokens / passes,
+        "wall_time": time.perf_counter() - start,
+        "model_batch": rows.shape[0],  # rows per forward pass: 2B with guidance
+    }
+    return SampleResult(tokens=tokens, labels=labels, stats=stats)

@@ -1,0 +1,86 @@
+"""What every sampler shares: the result type, classifier-free guidance, logit filtering and sampling.
+
+Samplers (ar.py, later speculative, LANTERN, Jacobi) all return a `SampleResult` whose `stats` hold at least
+
+    forward_passes    model calls; a doubled guidance batch [conditional; null] run as one call counts once
+    tokens_per_pass   mean new tokens per forward pass per row (1.0 for plain decoding)
+    wall_time         seconds, including the device synchronisation at the end
+
+so one benchmark compares them on equal terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # (B, N) long
+    labels: torch.Tensor  # (B,) the conditions the rows were sampled for
+    stats: dict = field(default_factory=dict)
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: uncond + scale * (cond - uncond); scale 1 gives `cond`."""
+    return uncond + scale * (cond - uncond)
+
+
+def cfg_scale_at(step: int, num_tokens: int, scale: float, schedule: str = "constant") -> float:
+    """Guidance scale for the token at index `step` (0-based) of `num_tokens`.
+
+    constant: `scale` everywhere. linear: 1 + (scale - 1) * step / num_tokens, a ramp from no guidance at the
+    first token towards `scale` at the last (MUSE's linearly increasing guidance; Token-Shuffle's ramp in
+    METHODS.md with f = 1): early tokens, which fix the layout, stay diverse; later ones get full guidance.
+    """
+    if schedule == "constant":
+        return scale
+    if schedule == "linear":
+        return 1.0 + (scale - 1.0) * step / num_tokens
+    raise ValueError(f"cfg schedule {schedule!r}; expected one of {CFG_SCHEDULES}")
+
+
+def filter_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """logits (..., V) -> temperature-scaled logits with filtered entries set to -inf.
+
+    Order: divide by `temperature`; top-k keeps exactly the k largest (ties broken by index, as torch.topk;
+    0 or >= V keeps all); top-p keeps the smallest set of most probable tokens whose cumulative probability
+    reaches p, never fewer than one (a cumulative mass within 1e-6 of p counts as reaching it, so float
+    rounding does not add a token at an exact boundary; 1.0 keeps all).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}; expected > 0")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"top_k={top_k}, top_p={top_p}; expected top_k >= 0 and 0 < top_p <= 1")
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep.scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.float().softmax(dim=-1)  # (..., V), descending
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+        drop_sorted = mass_before >= top_p - 1e-6
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw from softmax(logits) per row: logits (..., V) -> tokens long (...)."""
+    probs = logits.float().softmax(dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])  # (M, V)
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def class_balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., C-1, 0, 1, ...: every class equally represented (up to one when C does not divide)."""
+    return torch.arange(num_samples) % num_classes

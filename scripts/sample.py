@@ -1,0 +1,135 @@
+"""Sample class-conditional images from an exported generator and tokenizer.
+
+    python scripts/sample.py generator_path=runs/gpt_quickstart/export \
+        tokenizer_path=runs/titok_quickstart/export out=runs/gpt_quickstart/samples/cfg2 \
+        num_samples=510 sampler.cfg_scale=2.0
+
+Writes `out/images/<global index>.png`, `out/samples.npz` (uint8 images (N, H, W, 3) + labels),
+`out/grid.png` (one row per class) and `out/stats.json` (forward passes, tokens per pass, images/s).
+Labels are class-balanced (index i gets class i % num_classes). Every batch has its own seed, derived from
+the run's seed and the batch's first index, so a sample does not depend on how the work was split: with
+several ranks (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS, e.g. under srun) each rank writes a disjoint,
+contiguous index range (and its own `samples_rank<r>.npz`). Batches whose PNGs already exist are skipped,
+so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sampling.ar import sample_ar  # noqa: E402
+from sampling.common import SampleResult, class_balanced_labels  # noqa: E402
+from tokenizers_vis.base import Tokens, from_pretrained  # noqa: E402
+from training.data import to_uint8  # noqa: E402
+
+
+def sample_uniform(
+    model, labels: torch.Tensor, generator: torch.Generator | None = None, **_
+) -> SampleResult:
+    """Uniformly random tokens: the floor any trained generator must beat (no model call)."""
+    shape = (len(labels), model.config["num_tokens"])
+    tokens = torch.randint(model.config["vocab_size"], shape, generator=generator, device=labels.device)
+    return SampleResult(tokens, labels, {"forward_passes": 0, "tokens_per_pass": 0.0, "wall_time": 0.0})
+
+
+SAMPLERS = {"ar": sample_ar, "uniform": sample_uniform}
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    for rank_var, world_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_var in os.environ and world_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ[world_var])
+    return 0, 1
+
+
+def index_range(num_samples: int, rank: int, world_size: int) -> range:
+    per_rank = math.ceil(num_samples / world_size)
+    return range(min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples))
+
+
+def run(cfg: DictConfig) -> dict:
+    out, device = Path(cfg.out), torch.device(cfg.device)
+    generator = from_pretrained(cfg.generator_path, device=device)
+    tokenizer = from_pretrained(cfg.tokenizer_path, device=device)
+    settings = OmegaConf.to_container(cfg.sampler, resolve=True)
+    name = settings.pop("name")
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler.name={name!r}; choose one of {sorted(SAMPLERS)}")
+    sampler = SAMPLERS[name]
+    num_classes = generator.config["num_classes"]
+    labels = class_balanced_labels(cfg.num_samples, num_classes)
+    rank, world_size = rank_and_world_size()
+    indices = index_range(cfg.num_samples, rank, world_size)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+
+    images, stats = [], {"forward_passes": 0, "tokens": 0, "wall_time": 0.0, "images": 0}
+    batches = [indices[i : i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
+    for batch in tqdm(batches, desc=f"sampling ({name}, rank {rank}/{world_size})", unit="batch"):
+        paths = [out / "images" / f"{i:06d}.png" for i in batch]
+        if all(p.is_file() for p in paths):  # done in an earlier, interrupted run
+            images += [np.asarray(Image.open(p)) for p in paths]
+            continue
+        seed = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + batch[0])
+        result = sampler(generator, labels[batch[0] : batch[-1] + 1].to(device), generator=seed, **settings)
+        tokens = Tokens(generator.config.get("token_kind", "categorical"), result.tokens)
+        pixels = to_uint8(tokenizer.decode(tokens))  # (b, H, W, 3)
+        for path, pixel in zip(paths, pixels, strict=True):
+            Image.fromarray(pixel).save(path)
+        images += list(pixels)
+        stats["forward_passes"] += result.stats["forward_passes"] * len(batch)
+        stats["tokens"] += result.tokens.numel()
+        stats["wall_time"] += result.stats["wall_time"]
+        stats["images"] += len(batch)
+
+    array = np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
+    label_array = labels[indices.start : indices.stop].numpy()
+    if cfg.npz:
+        npz = out / ("samples.npz" if world_size == 1 else f"samples_rank{rank}.npz")
+        np.savez(npz, images=array, labels=label_array)
+    summary = {
+        "sampler": name,
+        **settings,
+        "num_samples": len(indices),
+        "forward_passes_per_image": stats["forward_passes"] / max(1, stats["images"]),
+        "images_per_second": stats["images"] / stats["wall_time"] if stats["wall_time"] else None,
+    }
+    if rank == 0:
+        if cfg.grid and len(array):
+            save_grid(array, label_array, num_classes, cfg.grid_per_class, out / "grid.png")
+        (out / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"{len(indices)} samples in {out} (grid: {out / 'grid.png'})")
+    return summary
+
+
+def save_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int, path: Path) -> None:
+    """One row per class (the first `per_class` samples of each), upscaled so small images stay visible."""
+    rows = [images[labels == c][:per_class] for c in range(num_classes)]
+    rows = [r for r in rows if len(r)]
+    per_class = min(per_class, min(len(r) for r in rows))
+    picked = torch.from_numpy(np.concatenate([r[:per_class] for r in rows])).permute(0, 3, 1, 2)
+    scale = max(1, 64 // picked.shape[-1])
+    picked = torch.nn.functional.interpolate(picked.float() / 255, scale_factor=scale, mode="nearest")
+    save_image(picked, path, nrow=per_class, padding=2)
+
+
+@hydra.main(config_path="../configs", config_name="sample", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The stage-1 -> codes -> stage-2 -> samples pipeline, end to end, with tiny models on the CPU."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_RUN
+from hydra.utils import instantiate
+from safetensors.torch import load_file
+
+import train
+from scripts.extract_codes import extract
+from scripts.sample import index_range
+from scripts.sample import run as sample_run
+from tokenizers_vis import from_pretrained
+from training.config import ConfigError, compose_config
+
+TINY_GPT = [
+    "+experiment=gpt_quickstart",
+    "data.batch_size=8",
+    "generator.size=tiny",
+    "generator.width=32",
+    "generator.depth=1",
+    "generator.heads=2",
+    "generator.vocab_size=64",
+    "generator.num_tokens=8",
+    "module.warmup_steps=2",
+    "module.grid_classes=3",
+    "module.grid_samples_per_class=2",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "callbacks.progress=null",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A tiny trained tokenizer and 96 extracted samples, shared by the tests of this file."""
+    root = tmp_path_factory.mktemp("pipeline")
+    train.run(compose_config(TINY_RUN + [f"paths.run_dir={root / 'titok'}"]))
+    codes_cfg = compose_config(
+        [
+            f"tokenizer_path={root / 'titok' / 'export'}",
+            f"out={root / 'codes'}",
+            "num_samples=96",
+            "shard_size=40",
+            "batch_size=32",
+        ],
+        config_name="extract_codes",
+    )
+    extract(codes_cfg)
+    return root, codes_cfg
+
+
+def test_extracted_codes_match_the_tokenizer(pipeline):
+    root, codes_cfg = pipeline
+    tokenizer = from_pretrained(root / "titok" / "export")
+    meta = json.loads((root / "codes" / "meta.json").read_text())
+    assert meta["num_samples"] == 96 and len(meta["shards"]) == 3 and meta["flips"]
+    assert meta["token_spec"]["vocab_size"] == 64 and meta["num_classes"] == 17
+    shard = load_file(str(root / "codes" / meta["shards"][1]))  # samples 40..79
+    dataset = instantiate({**meta["data"]}).train_dataset
+    images = torch.stack([dataset[i]["image"] for i in (40, 41, 79)])
+    with torch.no_grad():
+        assert torch.equal(shard["tokens"][[0, 1, 39]].long(), tokenizer.encode(images).data)
+        assert torch.equal(shard["tokens_flip"][[0, 1, 39]].long(), tokenizer.encode(images.flip(-1)).data)
+    assert shard["labels"][0] == dataset[40]["label"]
+
+
+def test_extraction_resumes_and_skips_finished_shards(pipeline):
+    root, codes_cfg = pipeline
+    first, second = root / "codes" / "codes-00000.safetensors", root / "codes" / "codes-00001.safetensors"
+    reference = load_file(str(second))
+    os.utime(first, (1, 1))
+    second.unlink()  # as if the run had died while writing shard 1
+    extract(codes_cfg)
+    assert first.stat().st_mtime == 1  # untouched
+    assert all(torch.equal(reference[k], v) for k, v in load_file(str(second)).items())  # same samples
+
+
+def test_generator_trains_exports_and_samples(pipeline):
+    root, _ = pipeline
+    gpt_cfg = compose_config(
+        TINY_GPT
+        + [
+            f"data.codes_dir={root / 'codes'}",
+            f"module.tokenizer_path={root / 'titok' / 'export'}",
+            f"paths.run_dir={root / 'gpt'}",
+        ]
+    )
+    metrics = train.run(gpt_cfg)
+    assert metrics["steps"] == 4 and np.isfinite(metrics["loss"])
+    assert (root / "gpt" / "grids" / "samples.png").is_file()
+    generator = from_pretrained(root / "gpt" / "export")
+    assert generator.config["vocab_size"] == 64
+
+    sample_cfg = compose_config(
+        [
+            f"generator_path={root / 'gpt' / 'export'}",
+            f"tokenizer_path={root / 'titok' / 'export'}",
+            f"out={root / 'samples'}",
+            "num_samples=20",
+            "batch_size=8",
+            "sampler.cfg_scale=2.0",
+        ],
+        config_name="sample",
+    )
+    summary = sample_run(sample_cfg)
+    assert summary["forward_passes_per_image"] == 8  # one pass per token with the cache
+    assert len(list((root / "samples" / "images").glob("*.png"))) == 20
+    npz = np.load(root / "samples" / "samples.npz")
+    assert npz["images"].shape == (20, 16, 16, 3) and npz["images"].dtype == np.uint8
+    assert npz["labels"].tolist() == [i % 17 for i in range(20)]  # class-balanced
+    assert (root / "samples" / "grid.png").is_file()
+    # Rerunning finds every PNG and samples nothing new: identical npz.
+    sample_run(sample_cfg)
+    assert np.array_equal(np.load(root / "samples" / "samples.npz")["images"], npz["images"])
+
+
+def test_generator_config_must_match_the_codes(pipeline):
+    root, _ = pipeline
+    cfg = compose_config(
+        TINY_GPT
+        + [f"data.codes_dir={root / 'codes'}", "generator.vocab_size=32", f"paths.run_dir={root / 'x'}"]
+    )
+    with pytest.raises(ConfigError, match="generator.vocab_size=64"):
+        train.run(cfg)
+
+
+def test_missing_codes_is_a_one_line_error(tmp_path):
+    cfg = compose_config(
+        TINY_GPT + [f"data.codes_dir={tmp_path / 'none'}", f"paths.run_dir={tmp_path / 'r'}"]
+    )
+    with pytest.raises(ConfigError, match="extract_codes.py"):
+        train.run(cfg)
+
+
+def test_sample_ranks_split_the_indices_disjointly():
+    ranges = [index_range(10, rank, 3) for rank in range(3)]
+    assert [list(r) for r in ranges] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

@@ -1,0 +1,104 @@
+"""Lightning orchestration for stage 2: a GPT trained on pre-extracted tokens (LlamaGen recipe).
+
+Teacher-forced cross-entropy with label dropout for classifier-free guidance; AdamW with weight decay on
+matrices only; warm-up + cosine; gradient clipping (the trainer's `gradient_clip_val`); EMA weights used
+for validation, sample grids and export. Every validation draws a grid with one row per class, decoded
+through the frozen tokenizer that produced the codes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+
+from sampling.ar import sample_ar
+from tokenizers_vis.base import Tokens, from_pretrained
+
+from .optim import ema_update, param_groups, warmup_cosine
+
+
+class GeneratorModule(L.LightningModule):
+    def __init__(
+        self,
+        generator: torch.nn.Module,
+        tokenizer_path: str | None = None,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.05,
+        warmup_steps: int = 1000,
+        min_lr_ratio: float = 0.1,
+        ema_decay: float = 0.9999,
+        grid_classes: int = 8,
+        grid_samples_per_class: int = 8,
+        grid_cfg_scale: float = 2.0,
+    ):
+        super().__init__()
+        self.generator = generator
+        self.ema = copy.deepcopy(generator).requires_grad_(False)
+        self.tokenizer_path = tokenizer_path
+        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
+        self.warmup_steps, self.min_lr_ratio, self.ema_decay = warmup_steps, min_lr_ratio, ema_decay
+        self.grid_classes, self.grid_samples_per_class = grid_classes, grid_samples_per_class
+        self.grid_cfg_scale = grid_cfg_scale
+        self._tokenizer = None  # loaded on first use; not a submodule, so never in checkpoints
+
+    def check_data(self, datamodule) -> None:
+        """The codes must be what the generator was configured for; say which setting to fix if not."""
+        spec, config = datamodule.token_spec, self.generator.config
+        expected = {
+            "vocab_size": spec["vocab_size"],
+            "num_tokens": spec["num_tokens"],
+            "num_classes": datamodule.num_classes,
+        }
+        for key, value in expected.items():
+            if config[key] != value:
+                raise ValueError(
+                    f"generator.{key}={config[key]} but the codes in {datamodule.codes_dir} "
+                    f"have {key}={value}: set generator.{key}={value}"
+                )
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            param_groups(self.generator, self.weight_decay), lr=self.lr, betas=self.betas
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 100_000
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(self.warmup_steps, total, self.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def training_step(self, batch, batch_idx):
+        labels = self.generator.drop_labels(batch["label"])  # null class with p = label_dropout
+        loss = self.generator.loss(batch["tokens"], labels)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        step = self.global_step
+        ema_update(self.ema, self.generator, min(self.ema_decay, (1 + step) / (10 + step)))
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.ema.loss(batch["tokens"], batch["label"])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["label"]))
+
+    def on_validation_epoch_end(self):
+        self.log("val/perplexity", self.trainer.callback_metrics["val/loss"].exp(), sync_dist=True)
+
+    @torch.no_grad()
+    def val_grids(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """One row per class (the first `grid_classes`), sampled from the EMA model with guidance."""
+        if self.tokenizer_path is None:
+            return {}
+        if self._tokenizer is None:
+            self._tokenizer = from_pretrained(self.tokenizer_path, device=self.device)
+        num_classes = min(self.grid_classes, self.ema.config["num_classes"])
+        labels = torch.arange(num_classes, device=self.device).repeat_interleave(self.grid_samples_per_class)
+        generator = torch.Generator(device=self.device).manual_seed(0)  # same noise every validation
+        result = sample_ar(self.ema, labels, cfg_scale=self.grid_cfg_scale, generator=generator)
+        images = self._tokenizer.decode(Tokens("categorical", result.tokens)).clamp(-1, 1)
+        return {"samples": (images.cpu(), self.grid_samples_per_class)}
+
+    def export_model(self) -> torch.nn.Module:
+        return self.ema
