@@ -16,6 +16,7 @@ TINY_RUN = [
     "tokenizer.num_tokens=8",
     "tokenizer.codebook_size=64",
     "module.warmup_steps=2",
+    "module.loss.gan_weight=0.1",  # the quickstart has no GAN; tests exercise it
     "module.loss.gan_start_step=2",
     "module.loss.disc_channels=8",
     "module.loss.disc_layers=1",

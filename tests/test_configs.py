@@ -26,9 +26,9 @@ def vgg_file(tmp_path_factory):
 
 
 def test_there_are_experiments():
-    assert {"titok_quickstart", "titok_l32_imagenet", "titok_b64_imagenet", "titok_s128_imagenet"} <= set(
-        EXPERIMENTS
-    )
+    stage1 = {"titok_quickstart", "titok_l32_imagenet", "titok_b64_imagenet", "titok_s128_imagenet"}
+    stage2 = {"gpt_quickstart", "gpt_b_titok_l32_imagenet", "gpt_l_titok_l32_imagenet"}
+    assert stage1 | stage2 <= set(EXPERIMENTS)
 
 
 @pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
@@ -37,11 +37,14 @@ def test_experiment_composes_and_instantiates(name, vgg_file):
     cfg = compose_config([f"+experiment={name}", f"paths.vgg_weights={vgg_file}"])
     assert cfg.name == name, "an experiment's `name` must equal its file name (it names the run folder)"
     assert cfg.paths.run_dir == f"runs/{name}"
-    data = instantiate(cfg.data)
-    assert data.num_classes > 0
+    if "codes_dir" not in cfg.data:  # stage 2 reads codes that a stage-1 run extracts (test_pipeline.py)
+        assert instantiate(cfg.data).num_classes > 0
     with torch.device("meta"):  # the published sizes, without allocating their weights
         module = instantiate(cfg.module)
-    assert module.tokenizer.config["image_size"] == cfg.data.resolution
+    if "tokenizer" in cfg:
+        assert module.tokenizer.config["image_size"] == cfg.data.resolution
+    else:
+        assert module.generator.config["vocab_size"] == cfg.generator.vocab_size
     trainer_class = get_class(cfg.trainer._target_)
     unknown = set(cfg.trainer) - set(inspect.signature(trainer_class).parameters) - {"_target_"}
     assert not unknown, f"trainer keys that lightning.Trainer does not take: {unknown}"

@@ -1,9 +1,52 @@
-"""Image-quality metrics: PSNR and SSIM for reconstructions (FID-family metrics build on torch-fidelity)."""
+"""Image metrics: PSNR and SSIM of reconstructions; FID, IS and precision/recall through torch-fidelity.
+
+The FID family runs with one of two feature extractors:
+
+- "inception": torch-fidelity's `inception-v3-compat`, the standard numbers, with weights from the file that
+  `paths.inception_weights` names. Never downloaded: a missing file is a FileNotFoundError naming the setting.
+- "photos-net": the small classifier of the embedded photos (training/feature_net.py), for offline runs.
+
+Every key names its extractor (`fid[photos-net]`, `is[inception]`): the two scales have nothing in common.
+Reference statistics are cached by torch-fidelity under `cache_root`, keyed by a name the caller chooses plus
+a fingerprint of the extractor's weights, so a retrained photos-net never reuses stale statistics.
+
+Small sample counts: IS uses the protocol's 10 splits only while every split keeps at least 100 samples, else
+max(1, N // 100) splits; precision/recall use k = 3 neighbours and need more than 3 samples on each side,
+else they are skipped with a warning; FID needs at least 2 samples per side. Numbers from a few hundred
+samples are biased (FID upwards): compare them only with numbers at the same sample count.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
 import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+from torch_fidelity.defaults import DEFAULTS
+from torch_fidelity.utils import glob_samples_paths
 from torchmetrics.functional.image import structural_similarity_index_measure
+
+from training.data import to_uint8
+from training.feature_net import NAME as PHOTOS_NET
+from training.feature_net import PhotosNet, accuracy, ensure_feature_net
+
+EXTRACTORS = ("inception", PHOTOS_NET)
+FIDELITY_CACHE = Path("runs/.fidelity_cache")
+PRC_NEIGHBOURS = 3  # k of precision/recall (Kynkaanniemi et al. 2019), as in the evaluation protocol
+_FIDELITY_NAMES = {"inception": "inception-v3-compat", PHOTOS_NET: PHOTOS_NET}
+_KEYS = {  # our key -> torch-fidelity's
+    "fid": torch_fidelity.KEY_METRIC_FID,
+    "is": torch_fidelity.KEY_METRIC_ISC_MEAN,
+    "is_std": torch_fidelity.KEY_METRIC_ISC_STD,
+    "precision": torch_fidelity.KEY_METRIC_PRECISION,
+    "recall": torch_fidelity.KEY_METRIC_RECALL,
+}
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -24,3 +67,187 @@ def ssim(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return structural_similarity_index_measure(
         to_unit(reconstructions), to_unit(images), data_range=1.0, kernel_size=kernel, reduction="none"
     )
+
+
+# ----------------------------------------------------------------------------- inputs
+def uint8_images(images: torch.Tensor) -> torch.Tensor:
+    """Float (..., 3, H, W) in [-1, 1] -> uint8 (..., 3, H, W), quantised as PNG files are (data.to_uint8)."""
+    return torch.from_numpy(to_uint8(images)).movedim(-1, -3)
+
+
+class FidelityImages(Dataset):
+    """Images as torch-fidelity reads them: item i -> uint8 (3, H, W).
+
+    `source` is a uint8 tensor (N, 3, H, W), a float tensor (N, 3, H, W) in [-1, 1], a uint8 array
+    (N, H, W, 3) (the samples.npz layout), or a dataset of {"image": float (3, H, W)} items such as the data
+    modules' (read at keys 0..length-1; PhotoCrops accepts any key, so `length` may exceed its epoch).
+    Conversion happens on access, so a reference whose statistics are already cached is never generated.
+    """
+
+    def __init__(self, source, length: int | None = None):
+        if isinstance(source, np.ndarray):
+            if source.dtype != np.uint8 or source.ndim != 4 or source.shape[-1] != 3:
+                raise ValueError(f"expected a uint8 array (N, H, W, 3), got {source.dtype} {source.shape}")
+            source = torch.from_numpy(source).permute(0, 3, 1, 2)  # (N, 3, H, W)
+        self.source = source
+        self.length = len(source) if length is None else length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self.length:  # datasets without an end (PhotoCrops) must not iterate forever
+            raise IndexError(index)
+        item = self.source[index]
+        image = item["image"] if isinstance(item, dict) else item  # (3, H, W)
+        return image if image.dtype == torch.uint8 else uint8_images(image)
+
+
+def _fidelity_input(source):
+    """A folder path stays a path (torch-fidelity reads its PNG/JPEG files); arrays become FidelityImages."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        return FidelityImages(source)
+    return source
+
+
+def image_files(folder: str | Path) -> list[str]:
+    """The files torch-fidelity reads from an image folder: PNG / JPEG, sorted, not recursive."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"no image folder at {folder}")
+    return glob_samples_paths(str(folder), False, DEFAULTS["samples_find_ext"], verbose=False)
+
+
+def count_images(source) -> int:
+    """Number of images in a folder (see image_files), tensor, array or dataset."""
+    return len(image_files(source)) if isinstance(source, (str, Path)) else len(source)
+
+
+# ----------------------------------------------------------------------------- extractor weights
+def inception_weights(path: str | Path | None) -> Path:
+    """The Inception weights file of `paths.inception_weights`, checked to be a plain tensor state dict.
+
+    torch-fidelity unpickles the file with weights_only=False; loading it once with weights_only=True first
+    refuses a file that would run code, in line with the project's checkpoint convention.
+    """
+    if path is None or not Path(path).is_file():
+        problem = "is not set" if path is None else "does not exist"
+        raise FileNotFoundError(
+            f"Inception weights for FID: paths.inception_weights={None if path is None else str(path)!r} "
+            f"{problem} (set it to torch-fidelity's weights-inception-2015-12-05-6726825d.pth, "
+            f"or use extractor={PHOTOS_NET})"
+        )
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"paths.inception_weights={str(path)!r} is not a plain state dict: {error}"
+        ) from None
+    return Path(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 prefix of a file; size and mtime are part of the key so an edited file is hashed again."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """Short content hash of a weights file, or of a model folder's model.safetensors."""
+    file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+    stat = file.stat()
+    return _file_digest(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+# ----------------------------------------------------------------------------- metrics
+def isc_splits(num_samples: int) -> int:
+    """IS splits: the protocol's 10 while each split keeps >= 100 samples, else fewer (at least 1)."""
+    return max(1, min(10, num_samples // 100))
+
+
+def image_metrics(
+    input1,
+    input2=None,
+    extractor: str = PHOTOS_NET,
+    weights: str | Path | None = None,
+    fid: bool = True,
+    isc: bool = True,
+    prc: bool = True,
+    cache_name: str | None = None,
+    cache_root: str | Path = FIDELITY_CACHE,
+    batch_size: int = 64,
+    device: str | None = None,
+    verbose: bool = False,
+) -> dict[str, float]:
+    """FID, IS and precision/recall (k = 3) of `input1` (generated or reconstructed) against `input2` (real).
+
+    Inputs: an image folder, a dataset yielding uint8 (3, H, W), or a tensor / array (see FidelityImages).
+    FID and precision/recall need `input2` and are skipped without it; IS is measured on `input1`.
+    extractor: "photos-net" (weights = its folder, default: ensure_feature_net()) or "inception" (weights =
+    the file of paths.inception_weights). cache_name: names input2 in torch-fidelity's cache (the weights'
+    fingerprint is appended), so a fixed reference set is featurised once; leave None for anything that
+    changes. Returns {"fid[<extractor>]", "is[...]", "is_std[...]", "precision[...]", "recall[...]"}.
+    """
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"extractor={extractor!r}; expected one of {EXTRACTORS}")
+    if extractor == "inception":
+        weights = inception_weights(weights)
+    elif weights is None:
+        weights = ensure_feature_net()
+    num1 = count_images(input1)
+    num2 = None if input2 is None else count_images(input2)
+    for name, count in (("input1", num1), ("input2", num2)):
+        if count is not None and count < 2:
+            raise ValueError(f"{name} has {count} images; FID-family metrics need at least 2")
+    fid, prc = fid and input2 is not None, prc and input2 is not None
+    if prc and min(num1, num2) <= PRC_NEIGHBOURS:
+        warnings.warn(
+            f"precision/recall skipped: k={PRC_NEIGHBOURS} needs more than {PRC_NEIGHBOURS} images per side "
+            f"(got {num1} and {num2})",
+            stacklevel=2,
+        )
+        prc = False
+    if not (fid or isc or prc):
+        raise ValueError("nothing to measure: ask for isc, or pass input2 for fid / precision-recall")
+    cuda = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
+    results = torch_fidelity.calculate_metrics(
+        input1=_fidelity_input(input1),
+        input2=None if input2 is None else _fidelity_input(input2),
+        fid=fid,
+        isc=isc,
+        prc=prc,
+        feature_extractor=_FIDELITY_NAMES[extractor],
+        feature_extractor_weights_path=str(weights),
+        isc_splits=isc_splits(num1),
+        prc_neighborhood=PRC_NEIGHBOURS,
+        cache=True,
+        cache_root=str(cache_root),
+        input2_cache_name=None if cache_name is None else f"{cache_name}-{weights_fingerprint(weights)}",
+        cuda=cuda,
+        batch_size=batch_size,
+        save_cpu_ram=not cuda,  # on a CPU, dataloader worker processes only compete for the same cores
+        verbose=verbose,
+    )
+    return {f"{key}[{extractor}]": float(results[name]) for key, name in _KEYS.items() if name in results}
+
+
+def conditional_accuracy(
+    images: torch.Tensor, labels, feature_net: PhotosNet, batch_size: int = 256
+) -> float:
+    """Share of class-conditional samples that `feature_net` classifies as their conditioning class.
+
+    images: (N, 3, H, W), uint8 or float in [-1, 1], any size (the net resizes); labels: (N,) class ids in the
+    net's class order (the photos data's). 1/17 is chance on the embedded photos; real validation crops
+    score the net's own held-out accuracy, the ceiling for samples.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if images.dim() != 4 or images.shape[1] != 3 or labels.shape != (len(images),):
+        raise ValueError(
+            f"expected images (N, 3, H, W) and labels (N,), got {tuple(images.shape)}, {tuple(labels.shape)}"
+        )
+    return accuracy(feature_net, images, labels, batch_size)

@@ -1,0 +1,245 @@
+"""Measure images: rFID of a tokenizer, gFID of samples, FID between two folders; plus IS, precision/recall.
+
+    python scripts/evaluate.py mode=rfid tokenizer_path=runs/titok_quickstart/export
+    python scripts/evaluate.py mode=gfid samples=runs/gpt_quickstart/samples/cfg2.0/samples.npz
+    python scripts/evaluate.py mode=folders input1=generated/ input2=real/
+
+- rfid: reconstructs the validation crops of the data config at the tokenizer's resolution and compares
+  the reconstructions with the originals: FID, IS, precision/recall, PSNR, SSIM. Both sets are held in
+  memory as uint8 (2 x N x 3 x H x W bytes).
+- gfid: samples (a folder of PNGs, or an .npz with uint8 `images` (N, H, W, 3) and optional `labels`, as
+  scripts/sample.py writes) against `reference_samples` training crops of the data config at the samples'
+  resolution, whose statistics are cached (per data settings, resolution, count and seed). With labels and
+  the embedded photos, also the conditional accuracy: the share of samples photos-net assigns to their class.
+- folders: input1 against input2, nothing cached (folders change).
+
+Features: `extractor=auto` uses Inception when `paths.inception_weights` is set, else photos-net (trained
+on first use, see scripts/train_feature_net.py). Every metric key names its extractor (`fid[photos-net]`),
+and the JSON (`out`, default beside the input) records the extractor, its weights, the sample count and the
+reference set: a number without them means nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tokenizers_vis.base import from_pretrained  # noqa: E402
+from training.config import ConfigError  # noqa: E402
+from training.data import PhotosDataModule  # noqa: E402
+from training.feature_net import NAME as PHOTOS_NET  # noqa: E402
+from training.feature_net import ensure_feature_net, load_feature_net  # noqa: E402
+from training.metrics import (  # noqa: E402
+    FidelityImages,
+    conditional_accuracy,
+    count_images,
+    image_files,
+    image_metrics,
+    inception_weights,
+    isc_splits,
+    psnr,
+    ssim,
+    uint8_images,
+)
+
+REQUIRED = {  # mode -> the settings it cannot run without
+    "rfid": ("tokenizer_path",),
+    "gfid": ("samples",),
+    "folders": ("input1", "input2"),
+}
+
+
+def resolve_extractor(cfg: DictConfig) -> tuple[str, Path]:
+    """(extractor, weights), checked before any image is made. auto: Inception iff its weights are set."""
+    extractor = cfg.extractor
+    if extractor == "auto":
+        extractor = "inception" if cfg.paths.inception_weights else PHOTOS_NET
+    if extractor == "inception":
+        return extractor, inception_weights(cfg.paths.inception_weights)
+    if extractor == PHOTOS_NET:
+        return extractor, ensure_feature_net(cfg.feature_net.resolution, cfg.feature_net.root)
+    raise ConfigError(f"extractor={extractor!r}; choose auto, inception or {PHOTOS_NET}")
+
+
+def data_name(cfg: DictConfig, split: str, resolution: int, count: int) -> str:
+    """Cache name of a reference set: data module, split, size, count, digest of the other data settings."""
+    settings = OmegaConf.to_container(cfg.data, resolve=True)
+    for key in ("batch_size", "num_workers", "resolution"):  # no effect on the images
+        settings.pop(key, None)
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    module = settings["_target_"].rsplit(".", 1)[-1]
+    return f"{module}-{split}-{resolution}px-n{count}-{digest}"
+
+
+def evaluate_rfid(cfg: DictConfig, extractor: str, weights: Path, device: str) -> dict:
+    """Reconstructions of the validation crops vs the originals: FID family + PSNR + SSIM."""
+    tokenizer = from_pretrained(cfg.tokenizer_path, device)
+    resolution = tokenizer.config.get("image_size", cfg.data.resolution)
+    data = instantiate(cfg.data, resolution=resolution)
+    originals, reconstructions, psnrs, ssims = [], [], [], []
+    for batch in tqdm(data.val_dataloader(), desc="reconstructing", unit="batch"):
+        images = batch["image"].to(device)  # (B, 3, H, W) in [-1, 1]
+        recon = tokenizer.reconstruct(images).float().clamp(-1, 1)
+        psnrs.append(psnr(recon, images).cpu())
+        ssims.append(ssim(recon, images).cpu())
+        originals.append(uint8_images(images))
+        reconstructions.append(uint8_images(recon))
+    if not originals:
+        raise ConfigError(f"the data config ({cfg.data._target_}) has no validation images to reconstruct")
+    originals, reconstructions = torch.cat(originals), torch.cat(reconstructions)  # uint8 (N, 3, H, W)
+    count = len(originals)
+    metrics = image_metrics(
+        reconstructions,
+        originals,
+        extractor,
+        weights,
+        cache_name=data_name(cfg, "val", resolution, count),
+        **fidelity_settings(cfg, device),
+    )
+    return {
+        **metrics,
+        "psnr": torch.cat(psnrs).mean().item(),
+        "ssim": torch.cat(ssims).mean().item(),
+        "num_samples": count,
+        "reference": f"{cfg.data._target_.rsplit('.', 1)[-1]} validation crops at {resolution}px (originals)",
+        "num_reference": count,
+        "tokenizer": str(cfg.tokenizer_path),
+        "resolution": resolution,
+    }
+
+
+def load_samples(path: Path) -> tuple[torch.Tensor | str, np.ndarray | None, int]:
+    """(uint8 images (N, 3, H, W) or the folder, labels or None, resolution) of an .npz or image folder."""
+    if not path.exists():
+        raise FileNotFoundError(f"samples={path} does not exist")
+    if path.suffix == ".npz":
+        with np.load(path) as npz:
+            if "images" not in npz:
+                raise ValueError(f"{path} has no 'images' array (expected uint8 (N, H, W, 3))")
+            images = npz["images"]
+            labels = npz["labels"] if "labels" in npz else None
+        if labels is not None and labels.shape != (len(images),):
+            raise ValueError(f"{path}: labels {labels.shape} do not match images {images.shape}")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(
+                f"{path}: 'images' must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}"
+            )
+        return torch.from_numpy(images).permute(0, 3, 1, 2), labels, images.shape[1]
+    if path.is_dir():
+        files = image_files(path)
+        if not files:
+            raise FileNotFoundError(f"samples={path}: no PNG or JPEG files in the folder")
+        with Image.open(files[0]) as image:
+            return str(path), None, image.height
+    raise ValueError(f"samples={path}: expected a folder of PNGs or an .npz file")
+
+
+def evaluate_gfid(cfg: DictConfig, extractor: str, weights: Path, device: str) -> dict:
+    """Samples vs training crops: FID family, and conditional accuracy when the samples carry labels."""
+    samples, labels, resolution = load_samples(Path(cfg.samples))
+    data = instantiate(cfg.data, resolution=resolution)
+    if not hasattr(data, "train_dataset"):
+        raise ConfigError(f"gfid draws reference crops from a train_dataset, which {cfg.data._target_} lacks")
+    reference = FidelityImages(data.train_dataset, length=cfg.reference_samples)
+    metrics = image_metrics(
+        samples,
+        reference,
+        extractor,
+        weights,
+        cache_name=data_name(cfg, "train", resolution, cfg.reference_samples),
+        **fidelity_settings(cfg, device),
+    )
+    result = {
+        **metrics,
+        "num_samples": count_images(samples),
+        "reference": f"{type(data).__name__} training crops 0..{cfg.reference_samples - 1} at {resolution}px",
+        "num_reference": cfg.reference_samples,
+        "samples": str(cfg.samples),
+        "resolution": resolution,
+    }
+    if labels is not None and isinstance(data, PhotosDataModule):  # photos-net knows the photos' classes
+        classifier = ensure_feature_net(cfg.feature_net.resolution, cfg.feature_net.root)
+        result["cond_accuracy"] = conditional_accuracy(samples, labels, load_feature_net(classifier, device))
+        result["cond_accuracy_classifier"] = str(classifier)
+    return result
+
+
+def evaluate_folders(cfg: DictConfig, extractor: str, weights: Path, device: str) -> dict:
+    """input1 against input2; nothing cached, since folders change."""
+    metrics = image_metrics(cfg.input1, cfg.input2, extractor, weights, **fidelity_settings(cfg, device))
+    return {
+        **metrics,
+        "num_samples": count_images(cfg.input1),
+        "reference": str(cfg.input2),
+        "num_reference": count_images(cfg.input2),
+        "input1": str(cfg.input1),
+    }
+
+
+def fidelity_settings(cfg: DictConfig, device: str) -> dict:
+    return dict(cache_root=cfg.cache_root, batch_size=cfg.batch_size, device=device, verbose=cfg.verbose)
+
+
+def default_out(cfg: DictConfig) -> Path:
+    """<input>-<mode>.json beside the evaluated input (the export folder, the samples, input1)."""
+    source = Path({"rfid": cfg.tokenizer_path, "gfid": cfg.samples, "folders": cfg.input1}[cfg.mode])
+    return source.with_name(f"{source.stem}-{cfg.mode}.json")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Evaluate as `cfg.mode` says, print a table, write the JSON; returns what the JSON holds."""
+    if OmegaConf.is_missing(cfg, "mode") or cfg.mode not in REQUIRED:
+        mode = "???" if OmegaConf.is_missing(cfg, "mode") else cfg.mode
+        raise ConfigError(f"mode={mode}; choose one of {', '.join(REQUIRED)}")
+    missing = [key for key in REQUIRED[cfg.mode] if not cfg[key]]
+    if missing:  # before photos-net may be trained: fail in a second, not after a minute
+        raise ConfigError(f"mode={cfg.mode} needs {' and '.join(f'{key}=...' for key in missing)}")
+    torch.manual_seed(cfg.seed)  # reference crops of data modules that draw them from torch's RNG
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    extractor, weights = resolve_extractor(cfg)
+    evaluate = {"rfid": evaluate_rfid, "gfid": evaluate_gfid, "folders": evaluate_folders}[cfg.mode]
+    metrics = evaluate(cfg, extractor, weights, device)
+    result = {
+        "mode": cfg.mode,
+        "feature_extractor": extractor,
+        "feature_extractor_weights": str(weights),
+        **metrics,
+        "is_splits": isc_splits(metrics["num_samples"]),
+    }
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(
+        f"\n{cfg.mode}: {result['num_samples']} images vs {result['reference']} ({result['num_reference']})"
+    )
+    print(f"features: {extractor} ({weights})\n\n| metric | value |\n| --- | --- |")
+    for key, value in result.items():
+        if isinstance(value, float):
+            print(f"| {key} | {value:.4f} |")
+    print(f"\nmetrics: {out}")
+    return result
+
+
+@hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
