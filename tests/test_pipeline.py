@@ -96,6 +96,9 @@ def test_generator_trains_exports_and_samples(pipeline):
     metrics = train.run(gpt_cfg)
     assert metrics["steps"] == 4 and np.isfinite(metrics["loss"])
     assert (root / "gpt" / "grids" / "samples.png").is_file()
+    state = torch.load(root / "gpt" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(k.startswith(("generator.", "ema.")) for k in state)  # the frozen tokenizer stays out
+    assert train.run(gpt_cfg)["steps"] == 4  # rerunning a finished run resumes and changes nothing
     generator = from_pretrained(root / "gpt" / "export")
     assert generator.config["vocab_size"] == 64
 

@@ -42,7 +42,8 @@ class GeneratorModule(L.LightningModule):
         self.warmup_steps, self.min_lr_ratio, self.ema_decay = warmup_steps, min_lr_ratio, ema_decay
         self.grid_classes, self.grid_samples_per_class = grid_classes, grid_samples_per_class
         self.grid_cfg_scale = grid_cfg_scale
-        self._tokenizer = None  # loaded on first use; not a submodule, so never in checkpoints
+        # Loaded on first use and kept in a plain dict: as a submodule it would enter every checkpoint.
+        self._frozen: dict[str, torch.nn.Module] = {}
 
     def check_data(self, datamodule) -> None:
         """The codes must be what the generator was configured for; say which setting to fix if not."""
@@ -91,13 +92,13 @@ class GeneratorModule(L.LightningModule):
         """One row per class (the first `grid_classes`), sampled from the EMA model with guidance."""
         if self.tokenizer_path is None:
             return {}
-        if self._tokenizer is None:
-            self._tokenizer = from_pretrained(self.tokenizer_path, device=self.device)
+        if "tokenizer" not in self._frozen:
+            self._frozen["tokenizer"] = from_pretrained(self.tokenizer_path, device=self.device)
         num_classes = min(self.grid_classes, self.ema.config["num_classes"])
         labels = torch.arange(num_classes, device=self.device).repeat_interleave(self.grid_samples_per_class)
         generator = torch.Generator(device=self.device).manual_seed(0)  # same noise every validation
         result = sample_ar(self.ema, labels, cfg_scale=self.grid_cfg_scale, generator=generator)
-        images = self._tokenizer.decode(Tokens("categorical", result.tokens)).clamp(-1, 1)
+        images = self._frozen["tokenizer"].decode(Tokens("categorical", result.tokens)).clamp(-1, 1)
         return {"samples": (images.cpu(), self.grid_samples_per_class)}
 
     def export_model(self) -> torch.nn.Module:
