@@ -110,6 +110,7 @@ def main() -> None:
     for label, value in rows:
         print(f"| {label} | {value:.3f} |")
     print(f"\nreconstructions: {RUNS / 'titok_quickstart' / 'grids' / 'reconstructions.png'}")
+    print(f"tokenizer metrics: {RUNS / 'titok_quickstart' / 'metrics.json'}")
     for name, folder in folders.items():
         print(f"samples ({name}): {folder / 'grid.png'}")
     print(f"metrics: {metrics_file}")
