@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from training.config import compose_config
 
@@ -40,3 +41,12 @@ def tiny_run_config(tmp_path):
         return compose_config(TINY_RUN + [f"paths.run_dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """On CPUs shared with other jobs, OpenMP threads wait on each other: one thread is ~20x faster here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

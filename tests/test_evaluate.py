@@ -22,13 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 CHANCE = 1 / 17
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On CPUs shared with other jobs, OpenMP threads wait on each other: one thread is ~20x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

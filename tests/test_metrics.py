@@ -30,13 +30,7 @@ TINY = dict(steps=60, pool_size=512, val_per_class=4, progress=False)  # a few s
 CHANCE = 1 / 17
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On CPUs shared with other jobs, OpenMP threads wait on each other: one thread is ~20x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
