@@ -21,6 +21,9 @@ TINY_RUN = [
     "module.loss.gan_start_step=2",
     "module.loss.disc_channels=8",
     "module.loss.disc_layers=1",
+]
+# Four steps, validation and a checkpoint every two, quiet: shared by the stage-1 and stage-2 tiny runs.
+TINY_TRAINER = [
     "trainer.max_steps=4",
     "trainer.val_check_interval=2",
     "trainer.log_every_n_steps=1",
@@ -28,6 +31,7 @@ TINY_RUN = [
     "callbacks.checkpoint.every_n_train_steps=2",
     "callbacks.progress=null",
 ]
+TINY_RUN += TINY_TRAINER
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN
+from conftest import TINY_RUN, TINY_TRAINER
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
@@ -29,12 +29,7 @@ TINY_GPT = [
     "module.warmup_steps=2",
     "module.grid_classes=3",
     "module.grid_samples_per_class=2",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=2",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_model_summary=false",
-    "callbacks.checkpoint.every_n_train_steps=2",
-    "callbacks.progress=null",
+    *TINY_TRAINER,
 ]
 
 

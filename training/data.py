@@ -91,6 +91,19 @@ def _rank_and_world_size(rank: int | None = None, world_size: int | None = None)
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+    """Seeded shuffling, full batches only (uneven last batches hang DDP), workers kept across epochs."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 # ----------------------------------------------------------------------------- embedded photos
 # Files that ship inside skimage/data (the others need a pooch download); the last six are grayscale.
 _SKIMAGE_FILES = (
@@ -346,15 +359,7 @@ class ClassFolderDataModule(L.LightningDataModule):
         self.val_dataset = ImageFiles(val_files, resolution, train=False)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed),
-            persistent_workers=self.num_workers > 0,
-        )
+        return shuffled_loader(self.train_dataset, self.batch_size, self.num_workers, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -575,15 +580,7 @@ class CodesDataModule(L.LightningDataModule):
         self.val_dataset = CodeSamples(codes, torch.arange(count - num_val, count), train=False)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        return shuffled_loader(self.train_dataset, self.batch_size, self.num_workers, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False)
