@@ -10,14 +10,31 @@ from .common import (
     guided_logits,
     sample_logits,
 )
+from .jacobi import JACOBI_INITS, sample_jacobi
+from .speculative import (
+    ACCEPTANCE_RULES,
+    NEIGHBOUR_METRICS,
+    latent_neighbours,
+    relaxed_target,
+    sample_speculative,
+    tokenizer_neighbours,
+)
 
 __all__ = [
+    "ACCEPTANCE_RULES",
     "CFG_SCHEDULES",
+    "JACOBI_INITS",
+    "NEIGHBOUR_METRICS",
     "SampleResult",
     "cfg_scale_at",
     "class_balanced_labels",
     "filter_logits",
     "guided_logits",
+    "latent_neighbours",
+    "relaxed_target",
     "sample_ar",
+    "sample_jacobi",
     "sample_logits",
+    "sample_speculative",
+    "tokenizer_neighbours",
 ]

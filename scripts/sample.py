@@ -4,8 +4,15 @@
         tokenizer_path=runs/titok_quickstart/export out=runs/gpt_quickstart/samples/cfg2 \
         num_samples=510 sampler.cfg_scale=2.0
 
+Fast decoding picks another sampler (configs/sampler/): `sampler=speculative sampler.draft_path=<a smaller
+exported generator>` (and `sampler=lantern`), `sampler=sjd`, `sampler=gsd`; LANTERN's and GSD's latent
+neighbours are computed from the tokenizer once and cached beside its export. With a variable-length
+tokenizer (One-D-Piece, FlexTok), `num_tokens=k` generates k tokens and decodes that prefix.
+
 Writes `out/images/<global index>.png`, `out/samples.npz` (uint8 images (N, H, W, 3) + labels),
-`out/grid.png` (one row per class) and `out/stats.json` (forward passes, tokens per pass, images/s).
+`out/grid.png` (one row per class) and `out/stats.json` (forward passes, images/s, and under
+`sampler_stats` the sampler's own stats (tokens and accepted drafts per pass, acceptance rate, draft passes),
+each the mean over the batches sampled in this run, weighted by batch size).
 Labels are class-balanced (index i gets class i % num_classes). Every batch has its own seed, derived from
 the run's seed and the batch's first index, so a sample does not depend on how the work was split: with
 several ranks (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS, e.g. under srun) each rank writes a disjoint,
@@ -33,20 +40,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sampling.ar import sample_ar  # noqa: E402
 from sampling.common import SampleResult, class_balanced_labels  # noqa: E402
+from sampling.jacobi import sample_jacobi  # noqa: E402
+from sampling.speculative import sample_speculative, tokenizer_neighbours  # noqa: E402
 from tokenizers_vis.base import Tokens, from_pretrained  # noqa: E402
 from training.data import to_uint8  # noqa: E402
 
 
 def sample_uniform(
-    model, labels: torch.Tensor, generator: torch.Generator | None = None, **_
+    model,
+    labels: torch.Tensor,
+    num_tokens: int | None = None,
+    generator: torch.Generator | None = None,
+    **_,
 ) -> SampleResult:
     """Uniformly random tokens: the floor any trained generator must beat (no model call)."""
-    shape = (len(labels), model.config["num_tokens"])
+    shape = (len(labels), num_tokens or model.config["num_tokens"])
     tokens = torch.randint(model.config["vocab_size"], shape, generator=generator, device=labels.device)
     return SampleResult(tokens, labels, {"forward_passes": 0, "tokens_per_pass": 0.0, "wall_time": 0.0})
 
 
-SAMPLERS = {"ar": sample_ar, "uniform": sample_uniform}
+SAMPLERS = {
+    "ar": sample_ar,
+    "uniform": sample_uniform,
+    "speculative": sample_speculative,
+    "lantern": sample_speculative,
+    "sjd": sample_jacobi,
+    "gsd": sample_jacobi,
+}
+
+
+def sampler_inputs(settings: dict, tokenizer_path, tokenizer, device) -> dict:
+    """The sampler's keyword arguments from its config: `draft_path` becomes `draft` (an exported generator),
+    `neighbours_k` / `neighbours_metric` become `neighbours` (latent neighbours of the tokenizer's codes,
+    cached beside its export); every other setting passes through."""
+    inputs = dict(settings)
+    if "draft_path" in inputs:
+        path = inputs.pop("draft_path")
+        if not path or not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"sampler.draft_path={path!r} is not an exported generator folder "
+                "(train a draft first, e.g. python train.py +experiment=gpt_draft_quickstart)"
+            )
+        inputs["draft"] = from_pretrained(path, device=device)
+    if "neighbours_k" in inputs:
+        k, metric = inputs.pop("neighbours_k"), inputs.pop("neighbours_metric", "euclidean")
+        inputs["neighbours"] = tokenizer_neighbours(tokenizer_path, k, metric, tokenizer=tokenizer).to(device)
+    return inputs
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -70,6 +109,11 @@ def run(cfg: DictConfig) -> dict:
     if name not in SAMPLERS:
         raise ValueError(f"sampler.name={name!r}; choose one of {sorted(SAMPLERS)}")
     sampler = SAMPLERS[name]
+    inputs = sampler_inputs(settings, cfg.tokenizer_path, tokenizer, device)
+    num_tokens = cfg.num_tokens  # None: all N; k < N: a k-token prefix (variable-length tokenizers)
+    most = generator.config["num_tokens"]
+    if num_tokens is not None and not 1 <= num_tokens <= most:
+        raise ValueError(f"num_tokens={num_tokens}; the generator makes 1 to {most} tokens")
     num_classes = generator.config["num_classes"]
     labels = class_balanced_labels(cfg.num_samples, num_classes)
     rank, world_size = rank_and_world_size()
@@ -77,6 +121,7 @@ def run(cfg: DictConfig) -> dict:
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     images, stats = [], {"forward_passes": 0, "tokens": 0, "wall_time": 0.0, "images": 0}
+    sampler_stats: dict[str, float] = {}  # sum over batches of stat * batch size
     batches = [indices[i : i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
     for batch in tqdm(batches, desc=f"sampling ({name}, rank {rank}/{world_size})", unit="batch"):
         paths = [out / "images" / f"{i:06d}.png" for i in batch]
@@ -84,9 +129,10 @@ def run(cfg: DictConfig) -> dict:
             images += [np.asarray(Image.open(p)) for p in paths]
             continue
         seed = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + batch[0])
-        result = sampler(generator, labels[batch[0] : batch[-1] + 1].to(device), generator=seed, **settings)
-        tokens = Tokens(generator.config.get("token_kind", "categorical"), result.tokens)
-        pixels = to_uint8(tokenizer.decode(tokens))  # (b, H, W, 3)
+        batch_labels = labels[batch[0] : batch[-1] + 1].to(device)
+        result = sampler(generator, labels=batch_labels, num_tokens=num_tokens, generator=seed, **inputs)
+        tokens = Tokens(generator.config.get("token_kind", "categorical"), result.tokens)  # (b, k)
+        pixels = to_uint8(tokenizer.decode(tokens, num_tokens=num_tokens))  # (b, H, W, 3)
         for path, pixel in zip(paths, pixels, strict=True):
             Image.fromarray(pixel).save(path)
         images += list(pixels)
@@ -94,6 +140,9 @@ def run(cfg: DictConfig) -> dict:
         stats["tokens"] += result.tokens.numel()
         stats["wall_time"] += result.stats["wall_time"]
         stats["images"] += len(batch)
+        for key, value in result.stats.items():
+            if key != "wall_time" and isinstance(value, int | float):
+                sampler_stats[key] = sampler_stats.get(key, 0.0) + value * len(batch)
 
     array = np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
     label_array = labels[indices.start : indices.stop].numpy()
@@ -104,8 +153,10 @@ def run(cfg: DictConfig) -> dict:
         "sampler": name,
         **settings,
         "num_samples": len(indices),
+        "num_tokens": num_tokens or generator.config["num_tokens"],
         "forward_passes_per_image": stats["forward_passes"] / max(1, stats["images"]),
         "images_per_second": stats["images"] / stats["wall_time"] if stats["wall_time"] else None,
+        "sampler_stats": {key: total / stats["images"] for key, total in sampler_stats.items()},
     }
     if rank == 0:
         if cfg.grid and len(array):

@@ -54,3 +54,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def vae_folder(tmp_path_factory):
+    """A tiny random f8 diffusers AutoencoderKL saved to a folder, as paths.flextok_vae expects."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+    )
+    folder = tmp_path_factory.mktemp("weights") / "vae"
+    vae.save_pretrained(folder)
+    return folder

@@ -27,14 +27,23 @@ def vgg_file(tmp_path_factory):
 
 def test_there_are_experiments():
     stage1 = {"titok_quickstart", "titok_l32_imagenet", "titok_b64_imagenet", "titok_s128_imagenet"}
-    stage2 = {"gpt_quickstart", "gpt_b_titok_l32_imagenet", "gpt_l_titok_l32_imagenet"}
+    stage1 |= {"onedpiece_quickstart", "onedpiece_s256_imagenet", "onedpiece_b256_imagenet"}
+    stage1 |= {"onedpiece_l256_imagenet", "flextok_quickstart", "flextok_d18_d18_imagenet"}
+    stage2 = {
+        "gpt_quickstart",
+        "gpt_b_titok_l32_imagenet",
+        "gpt_l_titok_l32_imagenet",
+        "gpt_draft_quickstart",
+    }
     assert stage1 | stage2 <= set(EXPERIMENTS)
 
 
 @pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(name, vgg_file):
-    cfg = compose_config([f"+experiment={name}", f"paths.vgg_weights={vgg_file}"])
+def test_experiment_composes_and_instantiates(name, vgg_file, vae_folder):
+    cfg = compose_config(
+        [f"+experiment={name}", f"paths.vgg_weights={vgg_file}", f"paths.flextok_vae={vae_folder}"]
+    )
     assert cfg.name == name, "an experiment's `name` must equal its file name (it names the run folder)"
     assert cfg.paths.run_dir == f"runs/{name}"
     if "codes_dir" not in cfg.data:  # stage 2 reads codes that a stage-1 run extracts (test_pipeline.py)

@@ -119,6 +119,24 @@ def test_generator_trains_exports_and_samples(pipeline):
     sample_run(sample_cfg)
     assert np.array_equal(np.load(root / "samples" / "samples.npz")["images"], npz["images"])
 
+    # A k-token prefix: k passes per image, decoded at the tokenizer's resolution; k > N is refused.
+    prefix_cfg = compose_config(
+        [*sample_cfg_overrides(root, "prefix"), "num_samples=4", "num_tokens=3"], config_name="sample"
+    )
+    summary = sample_run(prefix_cfg)
+    assert summary["forward_passes_per_image"] == 3 and summary["num_tokens"] == 3
+    assert np.load(root / "prefix" / "samples.npz")["images"].shape == (4, 16, 16, 3)
+    with pytest.raises(ValueError, match="num_tokens=9"):
+        sample_run(compose_config([*sample_cfg_overrides(root, "bad"), "num_tokens=9"], config_name="sample"))
+
+
+def sample_cfg_overrides(root, out: str) -> list[str]:
+    return [
+        f"generator_path={root / 'gpt' / 'export'}",
+        f"tokenizer_path={root / 'titok' / 'export'}",
+        f"out={root / out}",
+    ]
+
 
 def test_generator_config_must_match_the_codes(pipeline):
     root, _ = pipeline

@@ -1,6 +1,20 @@
 """Visual tokenizers: one file per method, all behind the interface in base.py."""
 
+from .adaptive import shortest_prefix
 from .base import Exportable, Tokenizer, Tokens, TokenSpec, from_pretrained, register
+from .flextok import FlexTok
+from .onedpiece import OneDPiece
 from .titok import TiTok
 
-__all__ = ["Exportable", "Tokenizer", "Tokens", "TokenSpec", "from_pretrained", "register", "TiTok"]
+__all__ = [
+    "Exportable",
+    "FlexTok",
+    "OneDPiece",
+    "TiTok",
+    "Tokenizer",
+    "Tokens",
+    "TokenSpec",
+    "from_pretrained",
+    "register",
+    "shortest_prefix",
+]

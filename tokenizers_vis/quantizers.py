@@ -10,10 +10,14 @@ usage and perplexity every call and can restart dead codes: it keeps an exponent
 often each code is picked, and codes whose average falls below `dead_code_threshold` are re-initialised
 to random encoder outputs of the current batch (under DDP: counts summed over ranks, replacements drawn on
 rank 0 and broadcast, so every rank keeps the same codebook).
+
+`FSQuantizer` is Finite Scalar Quantization (Mentzer et al. 2023): a fixed grid instead of a learned
+codebook (FlexTok uses it); it returns the same `QuantizerOutput`, with no losses.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -109,3 +113,86 @@ class VectorQuantizer(nn.Module):
         self.codebook.weight.data[dead] = replacements
         # A fresh code gets the average usage, so it has time to attract inputs before being judged again.
         self.usage_ema[dead] = self.usage_ema.mean()
+
+
+class FSQuantizer(nn.Module):
+    """Finite Scalar Quantization (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple").
+
+    Each of the d = len(levels) channels is bounded with tanh to its own number of levels L_i, rounded with a
+    straight-through gradient and rescaled to [-1, 1]; the implicit codebook is the grid of all
+    prod(levels) points, so there is no codebook to learn, no auxiliary loss and no collapse.
+
+    Bounding follows the paper's reference code (appendix A.1): half_l = (L - 1)(1 + eps) / 2,
+    offset = 0.5 for even L (0 for odd), shift = atanh(offset / half_l), bounded = tanh(z + shift) * half_l
+    - offset. Rounding then gives the integers -floor(L/2) .. ceil(L/2) - 1 (even L, e.g. -4..3 for 8) or
+    -(L-1)/2 .. (L-1)/2 (odd L), and dividing by floor(L/2) maps them into [-1, 1]. The code of a vector is
+    its mixed-radix index, first channel least significant: sum_i digit_i * prod(levels[:i]), digit_i in
+    [0, L_i). Everything runs in fp32 with autocast off.
+    """
+
+    def __init__(self, levels: tuple[int, ...] | list[int] = (8, 8, 8, 5, 5, 5), eps: float = 1e-3):
+        super().__init__()
+        levels = [int(level) for level in levels]
+        if not levels or min(levels) < 2:
+            raise ValueError(f"FSQ levels must be integers >= 2, got {levels}")
+        self.levels = tuple(levels)
+        self.code_dim = len(levels)
+        self.codebook_size = math.prod(levels)
+        self.eps = eps
+        basis = [math.prod(levels[:i]) for i in range(len(levels))]
+        # Derived from `levels` alone: not persistent, so they never enter a state dict.
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.long), persistent=False)
+        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.long), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"levels={list(self.levels)}, codebook_size={self.codebook_size}"
+
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., d) with channel i in (-floor(L_i/2) - 0.5, ceil(L_i/2) - 0.5), so rounding
+        yields exactly L_i values."""
+        levels = self._levels.to(z.dtype)
+        half_l = (levels - 1) * (1 + self.eps) / 2
+        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0).to(z.dtype)
+        shift = (offset / half_l).atanh()
+        return (z + shift).tanh() * half_l - offset
+
+    def _half_width(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self._levels // 2).to(dtype)
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., d) grid points in [-1, 1]; straight-through gradient of the rounding."""
+        bounded = self.bound(z)
+        rounded = bounded + (bounded.round() - bounded).detach()
+        return rounded / self._half_width(z.dtype)
+
+    def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """(..., d) normalised grid points -> (...) long indices in [0, prod(levels))."""
+        half_width = self._half_width(torch.float32)
+        digits = (codes.float() * half_width + half_width).round().long()  # (..., d) in [0, L_i)
+        return (digits * self._basis).sum(-1)
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """(...) long indices -> (..., d) fp32 normalised grid points (inverse of `codes_to_indices`)."""
+        digits = (indices.long().unsqueeze(-1) // self._basis) % self._levels  # (..., d)
+        half_width = self._half_width(torch.float32)
+        return (digits.float() - half_width) / half_width
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Same as `indices_to_codes`: the interface VectorQuantizer offers its decoders."""
+        return self.indices_to_codes(indices)
+
+    def code_vectors(self) -> torch.Tensor:
+        """(V, d) the normalised grid point of every code, V = prod(levels)."""
+        return self.indices_to_codes(torch.arange(self.codebook_size, device=self._levels.device))
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """z (..., d) -> QuantizerOutput(quantized (..., d) fp32, codes (...) long, losses {}, stats)."""
+        if z.shape[-1] != self.code_dim:
+            raise ValueError(
+                f"FSQ with levels {list(self.levels)} expects {self.code_dim} channels, got {z.shape}"
+            )
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            quantized = self.quantize(z.float())  # (..., d)
+            codes = self.codes_to_indices(quantized.detach())  # (...)
+            stats = code_histogram_stats(codes, self.codebook_size)
+        return QuantizerOutput(quantized, codes, {}, stats)

@@ -4,6 +4,13 @@ Teacher-forced cross-entropy with label dropout for classifier-free guidance; Ad
 matrices only; warm-up + cosine; gradient clipping (the trainer's `gradient_clip_val`); EMA weights used
 for validation, sample grids and export. Every validation draws a grid with one row per class, decoded
 through the frozen tokenizer that produced the codes.
+
+Variable-length tokenizers (One-D-Piece, FlexTok), whose every prefix decodes to an image, train the GPT on
+sequences truncated to a length drawn per batch (`truncate`: "uniform" over 1..N or "pow2", powers of two
+up to N). A causal model's targets are the same either way (position i always predicts token i from the
+tokens before it), so truncation changes two things only: the loss weighs early positions more, as every
+prefix length the sampler may be asked for contains them, and short batches cost less. Sampling k tokens
+(`scripts/sample.py num_tokens=k`) then decodes the k-token prefix.
 """
 
 from __future__ import annotations
@@ -17,6 +24,18 @@ from sampling.ar import sample_ar
 from tokenizers_vis.base import Tokens, from_pretrained
 
 from .optim import ema_update, param_groups, warmup_cosine
+
+TRUNCATE_RULES = ("none", "uniform", "pow2")
+
+
+def draw_length(rule: str, num_tokens: int, generator: torch.Generator | None = None) -> int:
+    """A training sequence length: N ("none"), uniform over 1..N, or a power of two <= N (and N itself)."""
+    if rule == "none":
+        return num_tokens
+    if rule == "uniform":
+        return int(torch.randint(1, num_tokens + 1, (), generator=generator))
+    lengths = sorted({2**i for i in range(num_tokens.bit_length()) if 2**i <= num_tokens} | {num_tokens})
+    return lengths[int(torch.randint(len(lengths), (), generator=generator))]
 
 
 class GeneratorModule(L.LightningModule):
@@ -33,6 +52,7 @@ class GeneratorModule(L.LightningModule):
         grid_classes: int = 8,
         grid_samples_per_class: int = 8,
         grid_cfg_scale: float = 2.0,
+        truncate: str = "none",
     ):
         super().__init__()
         self.generator = generator
@@ -42,6 +62,9 @@ class GeneratorModule(L.LightningModule):
         self.warmup_steps, self.min_lr_ratio, self.ema_decay = warmup_steps, min_lr_ratio, ema_decay
         self.grid_classes, self.grid_samples_per_class = grid_classes, grid_samples_per_class
         self.grid_cfg_scale = grid_cfg_scale
+        if truncate not in TRUNCATE_RULES:
+            raise ValueError(f"module.truncate={truncate!r}; expected one of {TRUNCATE_RULES}")
+        self.truncate = truncate
         # Loaded on first use and kept in a plain dict: as a submodule it would enter every checkpoint.
         self._frozen: dict[str, torch.nn.Module] = {}
 
@@ -71,8 +94,10 @@ class GeneratorModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def training_step(self, batch, batch_idx):
-        labels = self.generator.drop_labels(batch["label"])  # null class with p = label_dropout
-        loss = self.generator.loss(batch["tokens"], labels)
+        tokens = batch["tokens"]  # (B, N)
+        length = draw_length(self.truncate, tokens.shape[1])  # the same on every rank: torch's global seed
+        # The GPT itself swaps labels for the null class (p = label_dropout) in training mode.
+        loss = self.generator.loss(tokens[:, :length], batch["label"])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

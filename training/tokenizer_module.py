@@ -103,7 +103,7 @@ class TokenizerModule(L.LightningModule):
             logs.update(d_logs)
 
         logs.update(quantizer_losses)
-        logs.update({k: stats[k] for k in ("usage", "perplexity")})
+        logs.update({k: stats[k] for k in ("usage", "perplexity", "kept_tokens") if k in stats})
         self.log_dict({f"train/{k}": v.detach().float() for k, v in logs.items()}, prog_bar=False)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("lr", lr)
