@@ -4,6 +4,7 @@ from .ar import sample_ar
 from .common import (
     CFG_SCHEDULES,
     SampleResult,
+    batch_seed,
     cfg_scale_at,
     class_balanced_labels,
     filter_logits,
@@ -26,6 +27,7 @@ __all__ = [
     "JACOBI_INITS",
     "NEIGHBOUR_METRICS",
     "SampleResult",
+    "batch_seed",
     "cfg_scale_at",
     "class_balanced_labels",
     "filter_logits",

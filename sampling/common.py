@@ -81,6 +81,12 @@ def sample_logits(logits: torch.Tensor, generator: torch.Generator | None = None
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
+def batch_seed(seed: int, start: int) -> int:
+    """The seed of the batch whose first sample has global index `start`: a sample does not depend on how
+    the work was split into batches or ranks (scripts/sample.py, scripts/bench_decoding.py)."""
+    return seed * 1_000_003 + start
+
+
 def class_balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
     """0, 1, ..., C-1, 0, 1, ...: every class equally represented (up to one when C does not divide)."""
     return torch.arange(num_samples) % num_classes

@@ -67,6 +67,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sampling import (  # noqa: E402
+    batch_seed,
     class_balanced_labels,
     sample_ar,
     sample_jacobi,
@@ -217,11 +218,6 @@ def build_methods(args, target, draft, tokenizer) -> list[Method]:
     settings = {"L": window, "group_size": group}
     methods.append(Method(f"gsd_G{group}_L{window}", "gsd", settings, run, exact=False))
     return methods
-
-
-def batch_seed(seed: int, start: int) -> int:
-    """The seed of the batch starting at sample index `start`, as scripts/sample.py derives it."""
-    return seed * 1_000_003 + start
 
 
 def batches(num_rows: int, batch_size: int) -> list[range]:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sampling.ar import sample_ar  # noqa: E402
-from sampling.common import SampleResult, class_balanced_labels  # noqa: E402
+from sampling.common import SampleResult, batch_seed, class_balanced_labels  # noqa: E402
 from sampling.jacobi import sample_jacobi  # noqa: E402
 from sampling.speculative import sample_speculative, tokenizer_neighbours  # noqa: E402
 from tokenizers_vis.base import Tokens, from_pretrained  # noqa: E402
@@ -128,7 +128,7 @@ def run(cfg: DictConfig) -> dict:
         if all(p.is_file() for p in paths):  # done in an earlier, interrupted run
             images += [np.asarray(Image.open(p)) for p in paths]
             continue
-        seed = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + batch[0])
+        seed = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, batch[0]))
         batch_labels = labels[batch[0] : batch[-1] + 1].to(device)
         result = sampler(generator, labels=batch_labels, num_tokens=num_tokens, generator=seed, **inputs)
         tokens = Tokens(generator.config.get("token_kind", "categorical"), result.tokens)  # (b, k)

@@ -3,9 +3,8 @@ import torch
 
 from training.config import compose_config
 
-# A TiTok small enough to train a few steps in seconds on a CPU, through the real configs.
-TINY_RUN = [
-    "+experiment=titok_quickstart",
+# Data and model sizes that make any TiTok-family quickstart train a few steps in seconds on a CPU.
+TINY_SIZES = [
     "data.resolution=16",
     "data.batch_size=8",
     "data.num_workers=0",
@@ -14,9 +13,14 @@ TINY_RUN = [
     "tokenizer.width=32",
     "tokenizer.depth=1",
     "tokenizer.heads=2",
-    "tokenizer.num_tokens=8",
     "tokenizer.codebook_size=64",
     "module.warmup_steps=2",
+]
+# A TiTok small enough to train a few steps in seconds on a CPU, through the real configs.
+TINY_RUN = [
+    "+experiment=titok_quickstart",
+    *TINY_SIZES,
+    "tokenizer.num_tokens=8",
     "module.loss.gan_weight=0.1",  # the quickstart has no GAN; tests exercise it
     "module.loss.gan_start_step=2",
     "module.loss.disc_channels=8",

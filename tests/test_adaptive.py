@@ -69,9 +69,12 @@ def photos(batch=6, size=16, seed=0):
     return (base + amplitude * texture).clamp(-1, 1)
 
 
-def test_psnr_is_the_validation_psnr():
-    x, y = photos(seed=1), photos(seed=2)
-    assert torch.allclose(psnr(x, y), training_psnr(x, y))
+def test_psnr_in_db_on_the_unit_scale_with_clamping():
+    images = torch.zeros(2, 3, 4, 4)  # mid-grey: 0.5 on the unit scale
+    shifted = images + torch.tensor([0.2, 4.0]).view(2, 1, 1, 1)  # +0.1 on the unit scale; overshoot
+    expected = torch.tensor([20.0, 10 * math.log10(1 / 0.25)])  # mse 0.01; clamped to 1.0 -> mse 0.25
+    assert torch.allclose(psnr(shifted, images), expected, atol=1e-4)
+    assert training_psnr is psnr  # validation and evaluation report the same number
 
 
 @pytest.mark.parametrize("per_row", [True, False])

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_TRAINER
+from conftest import TINY_SIZES, TINY_TRAINER
 from hydra.utils import instantiate
 
 import train
@@ -217,16 +217,7 @@ def test_quickstart_trains_and_exports_a_onedpiece(tmp_path):
     cfg = compose_config(
         [
             "+experiment=onedpiece_quickstart",
-            "data.resolution=16",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            "data.samples_per_epoch=64",
-            "data.val_per_class=1",
-            "tokenizer.width=32",
-            "tokenizer.depth=1",
-            "tokenizer.heads=2",
-            "tokenizer.codebook_size=64",
-            "module.warmup_steps=2",
+            *TINY_SIZES,
             f"paths.run_dir={tmp_path / 'run'}",
             *TINY_TRAINER,
         ]

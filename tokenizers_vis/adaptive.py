@@ -39,7 +39,8 @@ QualityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (reconstruct
 
 
 def psnr(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [-1, 1]: (B, 3, H, W) x2 -> (B,). Same as training.metrics.psnr."""
+    """Per-image PSNR in dB of images in [-1, 1] (clamped: a decoder may overshoot): (B, 3, H, W) x2 -> (B,).
+    The project's one PSNR: validation and evaluation use it too (training.metrics re-exports it)."""
     unit = lambda x: ((x.float() + 1) / 2).clamp(0, 1)
     mse = (unit(reconstructions) - unit(images)).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))

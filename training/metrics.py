@@ -32,6 +32,7 @@ from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.utils import glob_samples_paths
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from tokenizers_vis.adaptive import psnr  # noqa: F401  (one PSNR for validation, evaluation and adaptive length)
 from training.data import to_uint8
 from training.feature_net import NAME as PHOTOS_NET
 from training.feature_net import PhotosNet, accuracy, ensure_feature_net
@@ -52,12 +53,6 @@ _KEYS = {  # our key -> torch-fidelity's
 def to_unit(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 1], clamped (a decoder may overshoot)."""
     return ((images.float() + 1) / 2).clamp(0, 1)
-
-
-def psnr(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1]: (B, 3, H, W) x2 -> (B,)"""
-    mse = (to_unit(reconstructions) - to_unit(images)).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
 
 
 def ssim(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
