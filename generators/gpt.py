@@ -23,7 +23,9 @@ Deliberate choices:
 - Init: every linear layer and embedding ~ normal(0, 0.02), RMSNorm weights 1. LlamaGen also zero-inits the
   output layer; not here, so a fresh model gives position-dependent logits (cache tests, benchmarks).
 - No dropout besides label dropout (LlamaGen's recipe adds 0.1 token, residual and MLP dropout).
-- Heads and input embeddings come from heads.py (`token_kind`), so the backbone serves every token kind.
+- Heads and input embeddings come from heads.py (`token_kind`, `head`), so the backbone serves every token
+  kind. Tokens are (B, T) codes for categorical tokens and (B, T, token_dim) for vector tokens (bits,
+  sub-codes, channel bins); every shape below writes (B, T) for either.
 
 KV cache (inference only, under torch.no_grad): `setup_cache` preallocates keys and values for every layer,
 `prefill(labels)` writes the class position, `decode(tokens (B, k))` appends k positions at the current
@@ -187,6 +189,9 @@ class GPT(Exportable, nn.Module):
         label_dropout: float = 0.1,
         rope_base: float = 10000.0,
         token_kind: str = "categorical",
+        token_dim: int | None = None,
+        head: str | None = None,
+        head_options: dict | None = None,
     ):
         super().__init__()
         if size not in GPT_SIZES:
@@ -215,15 +220,19 @@ class GPT(Exportable, nn.Module):
             label_dropout=label_dropout,
             rope_base=rope_base,
             token_kind=token_kind,
+            token_dim=token_dim,
+            head=head,
+            head_options=dict(head_options or {}),
         )
         self.num_tokens, self.num_classes, self.label_dropout = num_tokens, num_classes, label_dropout
         self.heads, self.head_dim = heads, head_dim
         self.class_embed = nn.Embedding(num_classes + 1, width)  # last row: the null class
-        self.embed = make_embedding(token_kind, vocab_size, width)
+        token_format = dict(token_dim=token_dim, head=head, **(head_options or {}))
+        self.embed = make_embedding(token_kind, vocab_size, width, **token_format)
         self.rope = Rotary(head_dim, num_tokens, None if grid is None else tuple(grid), rope_base)
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width, eps=1e-5)
-        self.head = make_head(token_kind, width, vocab_size)
+        self.head = make_head(token_kind, width, vocab_size, **token_format)
         self.cache: KVCache | None = None
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
@@ -257,7 +266,10 @@ class GPT(Exportable, nn.Module):
         return self._backbone(x, start=0, cache=None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)  # (..., D) -> (..., V)
+        """Categorical heads only (the speculative samplers work on logits): (..., D) -> (..., V)."""
+        if self.head.kind != "categorical":
+            raise ValueError(f"GPT.logits needs categorical tokens; this GPT models {self.head.kind} tokens")
+        return self.head(hidden)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.head.loss(self(tokens, labels), tokens)

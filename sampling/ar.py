@@ -12,7 +12,9 @@ conditional sampling.
 
 The model protocol (generators.GPT; test stubs implement the same): `num_tokens`, `null_class`,
 `setup_cache(batch_size, max_len)`, `prefill(labels) -> (B, 1, D)`, `decode(tokens (B, k)) -> (B, k, D)`,
-`clear_cache()`, `forward_prefix(tokens (B, T), labels) -> (B, 1 + T, D)`, `logits(hidden) -> (..., V)`.
+`clear_cache()`, `forward_prefix(tokens (B, T), labels) -> (B, 1 + T, D)`, and `head` (generators/heads.py):
+`head.token_shape` and `head.sample(hidden, uncond, cfg_scale, temperature, top_k, top_p, generator)`, which
+draws one position's token for every kind of token (a categorical code, bits, sub-codes, channel bins).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 
 import torch
 
-from .common import SampleResult, cfg_scale_at, filter_logits, guided_logits, sample_logits
+from .common import SampleResult, cfg_scale_at
 
 
 @torch.no_grad()
@@ -37,7 +39,7 @@ def sample_ar(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
 ) -> SampleResult:
-    """labels (B,) -> SampleResult with tokens (B, num_tokens); num_tokens defaults to the model's N.
+    """labels (B,) -> SampleResult with tokens (B, num_tokens, *token_shape); num_tokens defaults to N.
 
     The model runs in eval mode on its own device (its previous mode is restored afterwards); `generator`
     must live on that device.
@@ -54,7 +56,8 @@ def sample_ar(
     def doubled(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, x]) if guided else x
 
-    tokens = torch.zeros(labels.shape[0], num_tokens, dtype=torch.long, device=device)  # (B, N)
+    shape = (labels.shape[0], num_tokens, *model.head.token_shape)
+    tokens = torch.zeros(shape, dtype=torch.long, device=device)  # (B, N, *token_shape)
     passes = 0
     was_training = model.training
     model.eval()
@@ -68,11 +71,9 @@ def sample_ar(
             if not use_cache:
                 hidden = model.forward_prefix(doubled(tokens[:, :step]), rows)[:, -1]
                 passes += 1
-            logits = model.logits(hidden).float()  # (B or 2B, V)
-            if guided:
-                cond, uncond = logits.chunk(2)
-                logits = guided_logits(cond, uncond, cfg_scale_at(step, num_tokens, cfg_scale, cfg_schedule))
-            tokens[:, step] = sample_logits(filter_logits(logits, temperature, top_k, top_p), generator)
+            cond, uncond = hidden.chunk(2) if guided else (hidden, None)  # (B, D) each
+            scale = cfg_scale_at(step, num_tokens, cfg_scale, cfg_schedule)
+            tokens[:, step] = model.head.sample(cond, uncond, scale, temperature, top_k, top_p, generator)
             if use_cache and step + 1 < num_tokens:
                 hidden = model.decode(doubled(tokens[:, step : step + 1]))[:, -1]
                 passes += 1

@@ -54,7 +54,8 @@ def sample_uniform(
     **_,
 ) -> SampleResult:
     """Uniformly random tokens: the floor any trained generator must beat (no model call)."""
-    shape = (len(labels), num_tokens or model.config["num_tokens"])
+    token_dim = model.config.get("token_dim")  # vector tokens: token_dim elements of vocab_size values each
+    shape = (len(labels), num_tokens or model.config["num_tokens"], *([token_dim] if token_dim else []))
     tokens = torch.randint(model.config["vocab_size"], shape, generator=generator, device=labels.device)
     return SampleResult(tokens, labels, {"forward_passes": 0, "tokens_per_pass": 0.0, "wall_time": 0.0})
 

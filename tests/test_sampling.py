@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from generators import GPT
+from generators.heads import CategoricalHead
 from sampling import (
     SampleResult,
     cfg_scale_at,
@@ -182,6 +183,7 @@ class FixedLogits(nn.Module):
     def __init__(self, cond, uncond):
         super().__init__()
         self.table = nn.Parameter(torch.stack([torch.tensor(cond), torch.tensor(uncond)]))  # (2, V)
+        self.head = TableHead(self.table)
         self.rows = None
 
     def setup_cache(self, batch_size, max_len=None):
@@ -200,7 +202,15 @@ class FixedLogits(nn.Module):
     def forward_prefix(self, tokens, labels):
         return (labels == self.null_class).long()[:, None].expand(-1, 1 + tokens.shape[1])
 
-    def logits(self, hidden):
+
+class TableHead(CategoricalHead):
+    """The categorical head's sampling rule over fixed logits: hidden is a row index into the table."""
+
+    def __init__(self, table):
+        nn.Module.__init__(self)
+        self.table = table
+
+    def forward(self, hidden):
         return self.table[hidden]  # (..., V)
 
 

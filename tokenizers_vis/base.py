@@ -34,8 +34,9 @@ class TokenSpec:
     kind: str  # one of TOKEN_KINDS
     num_tokens: int  # N, positions per image
     grid: tuple[int, int] | None = None  # (h, w) for 2D tokens, None for 1D sequences
-    vocab_size: int | None = None  # categorical: V
+    vocab_size: int | None = None  # values per token element: V codes (categorical, factorized), 2 (binary)
     code_dim: int | None = None  # dimension of the latent vector behind each code
+    token_dim: int | None = None  # elements per token: None for one code, K bits, G sub-codes, C channels
 
     def __post_init__(self):
         if self.kind not in TOKEN_KINDS:
@@ -44,7 +45,8 @@ class TokenSpec:
 
 @dataclass
 class Tokens:
-    """A batch of tokens. `data` holds codes (B, N) for categorical tokens; see DESIGN.md for other kinds."""
+    """A batch of tokens: `data` holds codes (B, N) for categorical tokens and (B, N, token_dim) integers for
+    binary, factorized and dimwise tokens (DESIGN.md's "Tokens" table)."""
 
     kind: str
     data: torch.Tensor

@@ -189,7 +189,9 @@ class TiTok(Tokenizer):
     @property
     def token_spec(self) -> TokenSpec:
         c = self.config
-        return TokenSpec("categorical", c["num_tokens"], None, c["codebook_size"], c["code_dim"])
+        return TokenSpec(
+            "categorical", c["num_tokens"], vocab_size=c["codebook_size"], code_dim=c["code_dim"]
+        )
 
     def code_vectors(self) -> torch.Tensor:
         return self.quantizer.code_vectors()

@@ -75,11 +75,13 @@ class GeneratorModule(L.LightningModule):
             "vocab_size": spec["vocab_size"],
             "num_tokens": spec["num_tokens"],
             "num_classes": datamodule.num_classes,
+            "token_kind": spec.get("kind", "categorical"),
+            "token_dim": spec.get("token_dim"),
         }
         for key, value in expected.items():
-            if config[key] != value:
+            if config.get(key) != value:
                 raise ValueError(
-                    f"generator.{key}={config[key]} but the codes in {datamodule.codes_dir} "
+                    f"generator.{key}={config.get(key)} but the codes in {datamodule.codes_dir} "
                     f"have {key}={value}: set generator.{key}={value}"
                 )
 
@@ -123,7 +125,11 @@ class GeneratorModule(L.LightningModule):
         labels = torch.arange(num_classes, device=self.device).repeat_interleave(self.grid_samples_per_class)
         generator = torch.Generator(device=self.device).manual_seed(0)  # same noise every validation
         result = sample_ar(self.ema, labels, cfg_scale=self.grid_cfg_scale, generator=generator)
-        images = self._frozen["tokenizer"].decode(Tokens("categorical", result.tokens)).clamp(-1, 1)
+        images = (
+            self._frozen["tokenizer"]
+            .decode(Tokens(self.ema.config["token_kind"], result.tokens))
+            .clamp(-1, 1)
+        )
         return {"samples": (images.cpu(), self.grid_samples_per_class)}
 
     def export_model(self) -> torch.nn.Module:
