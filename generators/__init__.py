@@ -1,5 +1,6 @@
 """Generators over tokenizer tokens: a LlamaGen-style GPT backbone with pluggable heads (heads.py)."""
 
+from . import binary_heads, dimwise_head, factorized_head  # noqa: F401  (register their heads)
 from .gpt import GPT, GPT_SIZES, KVCache
 from .heads import CategoricalEmbedding, CategoricalHead, Head, TokenEmbedding, make_embedding, make_head
 

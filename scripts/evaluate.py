@@ -1,12 +1,19 @@
-"""Measure images: rFID of a tokenizer, gFID of samples, FID between two folders; plus IS, precision/recall.
+"""Measure images: rFID and pFID of a tokenizer, gFID of samples, FID between two folders; plus IS, P/R.
 
     python scripts/evaluate.py mode=rfid tokenizer_path=runs/titok_quickstart/export
+    python scripts/evaluate.py mode=pfid tokenizer_path=runs/titok_quickstart/export
     python scripts/evaluate.py mode=gfid samples=runs/gpt_quickstart/samples/cfg2.0/samples.npz
     python scripts/evaluate.py mode=folders input1=generated/ input2=real/
 
 - rfid: reconstructs the validation crops of the data config at the tokenizer's resolution and compares
   the reconstructions with the originals: FID, IS, precision/recall, PSNR, SSIM. Both sets are held in
   memory as uint8 (2 x N x 3 x H x W bytes).
+- pfid (RobustTok, "Robust Latent Matters", Qiu et al. 2025): rfid's code path, but every image's codes are
+  perturbed before decoding (tokenizers_vis/perturb.py with beta = 1: each token, with probability
+  `pfid_alpha`, becomes a code drawn uniformly among its `pfid_delta` nearest, itself included), seeded by
+  `seed`, so the number is reproducible. The paper never published its pFID settings; ours (alpha 0.1,
+  delta 100) are stored with every number (`pfid_alpha`, `pfid_delta`, and the measured `pfid_replaced`),
+  and the FID key is `pfid[<extractor>]`. pfid with pfid_alpha=0 is exactly rfid's FID.
 - gfid: samples (a folder of PNGs, or an .npz with uint8 `images` (N, H, W, 3) and optional `labels`, as
   scripts/sample.py writes) against `reference_samples` training crops of the data config at the samples'
   resolution, whose statistics are cached (per data settings, resolution, count and seed). With labels and
@@ -36,7 +43,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tokenizers_vis.base import from_pretrained  # noqa: E402
+from tokenizers_vis.base import Tokens, from_pretrained  # noqa: E402
+from tokenizers_vis.perturb import LatentPerturbation  # noqa: E402
 from training.config import ConfigError  # noqa: E402
 from training.data import PhotosDataModule  # noqa: E402
 from training.feature_net import NAME as PHOTOS_NET  # noqa: E402
@@ -56,6 +64,7 @@ from training.metrics import (  # noqa: E402
 
 REQUIRED = {  # mode -> the settings it cannot run without
     "rfid": ("tokenizer_path",),
+    "pfid": ("tokenizer_path",),
     "gfid": ("samples",),
     "folders": ("input1", "input2"),
 }
@@ -83,15 +92,52 @@ def data_name(cfg: DictConfig, split: str, resolution: int, count: int) -> str:
     return f"{module}-{split}-{resolution}px-n{count}-{digest}"
 
 
-def evaluate_rfid(cfg: DictConfig, extractor: str, weights: Path, device: str) -> dict:
-    """Reconstructions of the validation crops vs the originals: FID family + PSNR + SSIM."""
+def perturbed_reconstruction(
+    tokenizer, perturbation: LatentPerturbation, seed: int, device: str, record: dict
+):
+    """images -> decode(perturbed encode(images)), drawing from a generator seeded with `seed`; `record`
+    accumulates the replaced and total token counts."""
+    name = type(tokenizer).__name__
+    if tokenizer.token_spec.kind != "categorical":
+        raise ConfigError(f"mode=pfid needs a tokenizer with categorical codes; {name} has another kind")
+    try:
+        vectors = tokenizer.code_vectors().detach()  # (V, D)
+    except NotImplementedError as error:
+        raise ConfigError(f"mode=pfid needs code_vectors(): {error}") from error
+    generator = torch.Generator(device=device).manual_seed(seed)
+    record.update(replaced=0, tokens=0)
+
+    @torch.no_grad()
+    def reconstruct(images: torch.Tensor) -> torch.Tensor:
+        tokens = tokenizer.encode(images)
+        result = perturbation.perturb_codes(tokens.data, vectors.to(tokens.data.device), generator=generator)
+        record["replaced"] += int(result.replaced.sum())
+        record["tokens"] += result.replaced.numel()
+        return tokenizer.decode(Tokens(tokens.kind, result.codes, tokens.lengths, tokens.grid))
+
+    return reconstruct
+
+
+def evaluate_rfid(
+    cfg: DictConfig,
+    extractor: str,
+    weights: Path,
+    device: str,
+    perturbation: LatentPerturbation | None = None,
+) -> dict:
+    """Reconstructions of the validation crops vs the originals: FID family + PSNR + SSIM. With
+    `perturbation` (mode=pfid) the reconstructions are decoded from perturbed codes."""
     tokenizer = from_pretrained(cfg.tokenizer_path, device)
+    record: dict = {}
+    reconstruct = tokenizer.reconstruct
+    if perturbation is not None:
+        reconstruct = perturbed_reconstruction(tokenizer, perturbation, cfg.seed, device, record)
     resolution = tokenizer.config.get("image_size", cfg.data.resolution)
     data = instantiate(cfg.data, resolution=resolution)
     originals, reconstructions, psnrs, ssims = [], [], [], []
     for batch in tqdm(data.val_dataloader(), desc="reconstructing", unit="batch"):
         images = batch["image"].to(device)  # (B, 3, H, W) in [-1, 1]
-        recon = tokenizer.reconstruct(images).float().clamp(-1, 1)
+        recon = reconstruct(images).float().clamp(-1, 1)
         psnrs.append(psnr(recon, images).cpu())
         ssims.append(ssim(recon, images).cpu())
         originals.append(uint8_images(images))
@@ -108,6 +154,8 @@ def evaluate_rfid(cfg: DictConfig, extractor: str, weights: Path, device: str) -
         cache_name=data_name(cfg, "val", resolution, count),
         **fidelity_settings(cfg, device),
     )
+    if record:
+        metrics["replaced"] = record["replaced"] / max(1, record["tokens"])
     return {
         **metrics,
         "psnr": torch.cat(psnrs).mean().item(),
@@ -117,6 +165,22 @@ def evaluate_rfid(cfg: DictConfig, extractor: str, weights: Path, device: str) -
         "num_reference": count,
         "tokenizer": str(cfg.tokenizer_path),
         "resolution": resolution,
+    }
+
+
+def evaluate_pfid(cfg: DictConfig, extractor: str, weights: Path, device: str) -> dict:
+    """rfid of reconstructions decoded from perturbed codes (every image, fixed pfid_alpha / pfid_delta)."""
+    alpha, delta = float(cfg.pfid_alpha), int(cfg.pfid_delta)
+    perturbation = LatentPerturbation(alpha, beta=1.0, delta=delta, schedule="constant")
+    metrics = evaluate_rfid(cfg, extractor, weights, device, perturbation)
+    pfid = metrics.pop(f"fid[{extractor}]")
+    replaced = metrics.pop("replaced")
+    return {
+        f"pfid[{extractor}]": pfid,
+        "pfid_alpha": alpha,
+        "pfid_delta": delta,
+        "pfid_replaced": replaced,
+        **metrics,
     }
 
 
@@ -194,7 +258,13 @@ def fidelity_settings(cfg: DictConfig, device: str) -> dict:
 
 def default_out(cfg: DictConfig) -> Path:
     """<input>-<mode>.json beside the evaluated input (the export folder, the samples, input1)."""
-    source = Path({"rfid": cfg.tokenizer_path, "gfid": cfg.samples, "folders": cfg.input1}[cfg.mode])
+    inputs = {
+        "rfid": cfg.tokenizer_path,
+        "pfid": cfg.tokenizer_path,
+        "gfid": cfg.samples,
+        "folders": cfg.input1,
+    }
+    source = Path(inputs[cfg.mode])
     return source.with_name(f"{source.stem}-{cfg.mode}.json")
 
 
@@ -209,7 +279,13 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)  # reference crops of data modules that draw them from torch's RNG
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     extractor, weights = resolve_extractor(cfg)
-    evaluate = {"rfid": evaluate_rfid, "gfid": evaluate_gfid, "folders": evaluate_folders}[cfg.mode]
+    evaluate = {
+        "rfid": evaluate_rfid,
+        "pfid": evaluate_pfid,
+        "gfid": evaluate_gfid,
+        "folders": evaluate_folders,
+    }
+    evaluate = evaluate[cfg.mode]
     metrics = evaluate(cfg, extractor, weights, device)
     result = {
         "mode": cfg.mode,
@@ -225,7 +301,13 @@ def run(cfg: DictConfig) -> dict:
     print(
         f"\n{cfg.mode}: {result['num_samples']} images vs {result['reference']} ({result['num_reference']})"
     )
-    print(f"features: {extractor} ({weights})\n\n| metric | value |\n| --- | --- |")
+    print(f"features: {extractor} ({weights})")
+    if cfg.mode == "pfid":
+        print(
+            f"perturbed codes: pfid_alpha={result['pfid_alpha']} pfid_delta={result['pfid_delta']} "
+            f"(replaced {result['pfid_replaced']:.1%} of the tokens, seed {cfg.seed})"
+        )
+    print("\n| metric | value |\n| --- | --- |")
     for key, value in result.items():
         if isinstance(value, float):
             print(f"| {key} | {value:.4f} |")

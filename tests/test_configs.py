@@ -25,32 +25,65 @@ def vgg_file(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def posttrain_exports(tmp_path_factory):
+    """Tiny stand-ins (32 px, 32 tokens, 1024 codes, 17 classes) for the exports post-training loads."""
+    from generators.gpt import GPT
+    from tokenizers_vis import TiTok
+
+    root = tmp_path_factory.mktemp("exports")
+    TiTok(
+        32, 8, "tiny", width=32, depth=1, heads=2, num_tokens=32, codebook_size=1024, code_dim=16
+    ).save_pretrained(root / "tokenizer")
+    GPT(1024, 32, 17, size="tiny", width=32, depth=1, heads=2).save_pretrained(root / "generator")
+    return [f"module.tokenizer_path={root / 'tokenizer'}", f"module.generator_path={root / 'generator'}"]
+
+
+@pytest.fixture(scope="module")
+def fq_teacher(tmp_path_factory):
+    """A tiny random photos-net folder for paths.fq_teacher. On the meta device no teacher weights are read:
+    fq_quickstart builds photos-net from its config.json, fqgan_dual_imagenet's timm teacher only checks that
+    the folder holds model.safetensors (tokenizers_vis/fq.py)."""
+    from training.feature_net import PhotosNet
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("weights") / "photos-net"
+    PhotosNet([f"photo{i}" for i in range(17)], resolution=32, widths=(4, 8)).save_pretrained(folder)
+    return folder
+
+
 def test_there_are_experiments():
     stage1 = {"titok_quickstart", "titok_l32_imagenet", "titok_b64_imagenet", "titok_s128_imagenet"}
+    stage1 |= {"titok_perturb_quickstart", "titok_posttrain_quickstart"}
     stage1 |= {"onedpiece_quickstart", "onedpiece_s256_imagenet", "onedpiece_b256_imagenet"}
     stage1 |= {"onedpiece_l256_imagenet", "flextok_quickstart", "flextok_d18_d18_imagenet"}
+    stage1 |= {"fq_quickstart", "fqgan_dual_imagenet"}
     stage2 = {
         "gpt_quickstart",
         "gpt_b_titok_l32_imagenet",
         "gpt_l_titok_l32_imagenet",
         "gpt_draft_quickstart",
     }
+    stage2 |= {"gpt_fq_quickstart"}
     assert stage1 | stage2 <= set(EXPERIMENTS)
 
 
 @pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(name, vgg_file, vae_folder):
-    cfg = compose_config(
-        [f"+experiment={name}", f"paths.vgg_weights={vgg_file}", f"paths.flextok_vae={vae_folder}"]
-    )
+def test_experiment_composes_and_instantiates(name, vgg_file, vae_folder, fq_teacher, posttrain_exports):
+    overrides = [f"+experiment={name}", f"paths.vgg_weights={vgg_file}", f"paths.flextok_vae={vae_folder}"]
+    overrides.append(f"paths.fq_teacher={fq_teacher}")
+    cfg = compose_config(overrides)
+    posttrain = "generator_path" in cfg.module  # loads two exports: tiny stand-ins, on the CPU
+    if posttrain:
+        cfg = compose_config(overrides + posttrain_exports)
     assert cfg.name == name, "an experiment's `name` must equal its file name (it names the run folder)"
     assert cfg.paths.run_dir == f"runs/{name}"
     if "codes_dir" not in cfg.data:  # stage 2 reads codes that a stage-1 run extracts (test_pipeline.py)
         assert instantiate(cfg.data).num_classes > 0
-    with torch.device("meta"):  # the published sizes, without allocating their weights
+    with torch.device("cpu" if posttrain else "meta"):  # the published sizes, without allocating weights
         module = instantiate(cfg.module)
-    if "tokenizer" in cfg:
+    if "tokenizer" in cfg or posttrain:
         assert module.tokenizer.config["image_size"] == cfg.data.resolution
     else:
         assert module.generator.config["vocab_size"] == cfg.generator.vocab_size

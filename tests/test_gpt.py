@@ -207,6 +207,8 @@ def test_heads_and_factories():
     assert torch.allclose(head.loss(hidden, targets), expected)
     assert make_embedding("categorical", V, 8)(targets).shape == (2, 3, 8)
     with pytest.raises(ValueError, match="no generator head yet"):
-        make_head("binary", 8, V)
+        make_head("continuous", 8, V)
+    with pytest.raises(ValueError, match="models binary tokens, not categorical"):
+        make_head("categorical", 8, V, head="bernoulli")
     with pytest.raises(ValueError, match="unknown"):
         make_embedding("pixels", V, 8)

@@ -539,17 +539,19 @@ class FlexTok(Tokenizer):
         return self.to_pixels(latents)
 
     # ---- training ------------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor):
-        """images (B, 3, H, W) -> (reconstructions (B, 3, H, W), losses, stats); see the module docstring."""
+    def forward(self, images: torch.Tensor, perturb=None):
+        """images (B, 3, H, W) -> (reconstructions (B, 3, H, W), losses, stats); see the module docstring.
+        `perturb` (perturb.py) maps the quantised registers to what the decoder sees."""
         c = self.config
         batch, device = images.shape[0], images.device
         x0 = self.to_latents(images)  # (B, C, h, w)
         quantized = self.quantizer(self.encoder(x0))  # quantized (B, R, d), codes (B, R)
         stats = {**quantized.stats, "codes": quantized.codes}
+        latents = quantized.quantized if perturb is None else perturb(quantized.quantized, quantized.codes)
 
         if not self.training:
             keep = torch.full((batch,), c["num_registers"], device=device)
-            registers = self.decoder.embed_registers(quantized.quantized, keep)  # (B, R, W)
+            registers = self.decoder.embed_registers(latents, keep)  # (B, R, W)
             generator = torch.Generator(device=device).manual_seed(0)
             reconstructions = self.to_pixels(self.sample_latents(registers, generator=generator))
             stats["kept_tokens"] = keep.float().mean()
@@ -557,7 +559,7 @@ class FlexTok(Tokenizer):
 
         keep = sample_keep_k(batch, c["num_registers"], c["nested_dropout"], device=device)  # (B,)
         keep = keep.masked_fill(torch.rand(batch, device=device) < c["register_dropout"], 0)
-        registers = self.decoder.embed_registers(quantized.quantized, keep)  # (B, R, W)
+        registers = self.decoder.embed_registers(latents, keep)  # (B, R, W)
         t = logit_normal_timesteps(batch, c["timestep_mean"], c["timestep_std"], device=device)  # (B,)
         noise = torch.randn_like(x0)
         t_ = t.view(batch, 1, 1, 1)

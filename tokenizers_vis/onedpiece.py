@@ -126,12 +126,14 @@ class OneDPiece(TiTok):
             lengths = lengths.clamp(max=num_tokens)
         return self._decode_latents(self.quantizer.lookup(codes), lengths)
 
-    def forward(self, images: torch.Tensor):
-        """images (B, 3, H, W) -> (reconstructions (B, 3, H, W), losses, stats); training drops tails."""
+    def forward(self, images: torch.Tensor, perturb=None):
+        """images (B, 3, H, W) -> (reconstructions (B, 3, H, W), losses, stats); training drops tails.
+        `perturb` (perturb.py) maps the quantised latents to what the decoder sees."""
         quantized = self.quantizer(self.encoder(images))  # losses on all N tokens
         batch, num_tokens = quantized.codes.shape
+        latents = quantized.quantized if perturb is None else perturb(quantized.quantized, quantized.codes)
         lengths = self.draw_lengths(batch) if self.training else None  # (B,) or None
-        reconstructions = self._decode_latents(quantized.quantized, lengths)
+        reconstructions = self._decode_latents(latents, lengths)
         kept = (torch.full((batch,), num_tokens) if lengths is None else lengths).to(images.device)
         stats = {
             **quantized.stats,

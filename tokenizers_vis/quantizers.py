@@ -13,6 +13,9 @@ rank 0 and broadcast, so every rank keeps the same codebook).
 
 `FSQuantizer` is Finite Scalar Quantization (Mentzer et al. 2023): a fixed grid instead of a learned
 codebook (FlexTok uses it); it returns the same `QuantizerOutput`, with no losses.
+
+`BinaryQuantizer` turns each latent into K bits (sigmoid, Bernoulli draw in training, threshold at 0.5 in
+eval, straight-through on the probabilities): the tokens of binary.py (ELM, Instella-T2I).
 """
 
 from __future__ import annotations
@@ -196,3 +199,90 @@ class FSQuantizer(nn.Module):
             codes = self.codes_to_indices(quantized.detach())  # (...)
             stats = code_histogram_stats(codes, self.codebook_size)
         return QuantizerOutput(quantized, codes, {}, stats)
+
+
+@dataclass
+class BinaryQuantizerOutput(QuantizerOutput):
+    probs: torch.Tensor | None = None  # (..., K) fp32 sigmoid(z / temperature), the Bernoulli parameters
+
+
+def bernoulli_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Elementwise entropy of Bernoulli(p) in nats (0 at p in {0, 1}, log 2 at p = 0.5)."""
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
+class BinaryQuantizer(nn.Module):
+    """Binary latents: each token is a vector of K bits (ELM's binary autoencoder, Instella-T2I's tokenizer).
+
+    z (..., K) pre-activations -> p = sigmoid(z / temperature) -> bits in {0, 1}:
+    - training: one Bernoulli draw per element, bits ~ Bernoulli(p) (Instella: Bernoulli with temperature);
+    - eval, or `deterministic=True` in training: the threshold bits = [p > 0.5] (p = 0.5 exactly gives 0);
+    - in both cases the straight-through estimator on the probabilities, bits + p - sg(p): the forward value
+      is the bit, the backward pass is that of p (ELM). A sampled bit is an unbiased estimate of p, so the
+      sampling noise is what pushes the encoder towards confident bits: the decoder only sees 0 or 1.
+
+    Returns a `QuantizerOutput` as the other quantisers do: `quantized` the bits as float with gradient,
+    `codes` the bits as long, `losses`, `stats`; plus `probs`. Everything runs in fp32 with autocast off.
+
+    `entropy_weight` (default 0: no loss, as in ELM and Instella) adds a per-bit version of LFQ's entropy
+    term (MAGVIT-v2): weight * mean_k [mean_elements H(p) - H(mean_elements p)], elements = every batch
+    row and token. The first part makes each bit confident; the second keeps each of the K bit channels in
+    use (firing about half the time over the batch) so that no channel is constant. Unweighted, it lies
+    in [-log 2, log 2]. Off by default; try it if bit channels collapse (watch stats usage / bit_entropy).
+
+    Stats (over the batch, per call): `usage` = share of the K bit channels that take both values,
+    `bit_entropy` = mean over channels of the entropy of the channel's firing rate in bits (1 = balanced,
+    0 = constant), `perplexity` = exp(same in nats), in [1, 2] (the effective number of values per bit,
+    comparable with the validation's pooled-bit histogram perplexity), `prob_entropy` = mean entropy of
+    the Bernoulli parameters p in bits (0: the encoder is certain, sampling equals thresholding).
+    """
+
+    def __init__(
+        self,
+        num_bits: int,
+        temperature: float = 1.0,
+        deterministic: bool = False,
+        entropy_weight: float = 0.0,
+    ):
+        super().__init__()
+        if num_bits < 1:
+            raise ValueError(f"BinaryQuantizer num_bits={num_bits}; expected >= 1")
+        if temperature <= 0:
+            raise ValueError(f"BinaryQuantizer temperature={temperature}; expected > 0")
+        self.num_bits, self.temperature = num_bits, temperature
+        self.deterministic, self.entropy_weight = deterministic, entropy_weight
+
+    def extra_repr(self) -> str:
+        return f"num_bits={self.num_bits}, temperature={self.temperature}, deterministic={self.deterministic}"
+
+    def forward(self, z: torch.Tensor, generator: torch.Generator | None = None) -> BinaryQuantizerOutput:
+        """z (..., K) -> BinaryQuantizerOutput(quantized (..., K) fp32 in {0, 1}, codes (..., K) long, ...)"""
+        if z.shape[-1] != self.num_bits:
+            raise ValueError(f"BinaryQuantizer with {self.num_bits} bits got input of shape {tuple(z.shape)}")
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            probs = torch.sigmoid(z.float() / self.temperature)  # (..., K)
+            if self.training and not self.deterministic:
+                noise = torch.rand(probs.shape, device=probs.device, generator=generator)
+                hard = (noise < probs).float()  # Bernoulli(p)
+            else:
+                hard = (probs > 0.5).float()
+            bits = hard + probs - probs.detach()  # (..., K) straight-through on the probabilities
+            codes = hard.long().detach()
+
+            losses = {}
+            flat_p = probs.reshape(-1, self.num_bits)  # (M, K)
+            if self.entropy_weight > 0:
+                sample_entropy = bernoulli_entropy(flat_p).mean()
+                marginal_entropy = bernoulli_entropy(flat_p.mean(0)).mean()
+                losses["entropy"] = self.entropy_weight * (sample_entropy - marginal_entropy)
+            with torch.no_grad():
+                rate = hard.reshape(-1, self.num_bits).mean(0)  # (K,) firing rate of each bit channel
+                channel_entropy = bernoulli_entropy(rate)  # (K,) nats
+                stats = {
+                    "usage": ((rate > 0) & (rate < 1)).float().mean(),
+                    "bit_entropy": channel_entropy.mean() / math.log(2),
+                    "perplexity": channel_entropy.mean().exp(),
+                    "prob_entropy": bernoulli_entropy(flat_p).mean() / math.log(2),
+                }
+        return BinaryQuantizerOutput(bits, codes, losses, stats, probs)

@@ -203,8 +203,10 @@ class TiTok(Tokenizer):
         codes = tokens.data if num_tokens is None else tokens.data[:, :num_tokens]  # (B, k)
         return self.decoder(self.quantizer.lookup(codes))
 
-    def forward(self, images: torch.Tensor):
-        """images (B, 3, H, W) -> (reconstructions (B, 3, H, W), losses, stats)"""
+    def forward(self, images: torch.Tensor, perturb=None):
+        """images (B, 3, H, W) -> (reconstructions (B, 3, H, W), losses, stats); `perturb` (perturb.py) maps
+        the quantised latents to what the decoder sees, after the quantiser losses."""
         quantized = self.quantizer(self.encoder(images))
-        reconstructions = self.decoder(quantized.quantized)
+        latents = quantized.quantized if perturb is None else perturb(quantized.quantized, quantized.codes)
+        reconstructions = self.decoder(latents)
         return reconstructions, quantized.losses, {**quantized.stats, "codes": quantized.codes}

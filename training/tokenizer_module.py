@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from tokenizers_vis.base import Tokenizer
 from tokenizers_vis.losses import ReconstructionLoss
+from tokenizers_vis.perturb import perturbation_for, perturbation_logs
 from tokenizers_vis.quantizers import code_histogram_stats
 
 from .metrics import psnr, ssim
@@ -37,6 +38,7 @@ class TokenizerModule(L.LightningModule):
         grad_clip: float = 1.0,
         ema_decay: float = 0.999,
         grid_images: int = 16,
+        perturb: dict | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -46,6 +48,8 @@ class TokenizerModule(L.LightningModule):
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.disc_lr = disc_lr if disc_lr is not None else lr
         self.grad_clip, self.ema_decay, self.grid_images = grad_clip, ema_decay, grid_images
+        # RobustTok latent perturbation of the decoder's input (tokenizers_vis/perturb.py), or None.
+        self.perturbation = perturbation_for(tokenizer, perturb)
 
     # ---- optimisation -------------------------------------------------------------------------------------
     def on_fit_start(self):
@@ -82,7 +86,7 @@ class TokenizerModule(L.LightningModule):
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         lr = self._set_learning_rates(optimizers, step)
 
-        reconstructions, quantizer_losses, stats = self.tokenizer(images)
+        reconstructions, quantizer_losses, stats, extra_logs = self.reconstruct_batch(batch, step)
         loss, logs = self.loss.generator_loss(images, reconstructions, step)
         loss = loss + sum(quantizer_losses.values())
         optimizers[0].zero_grad(set_to_none=True)
@@ -103,10 +107,22 @@ class TokenizerModule(L.LightningModule):
             logs.update(d_logs)
 
         logs.update(quantizer_losses)
+        logs.update(extra_logs)
         logs.update({k: stats[k] for k in ("usage", "perplexity", "kept_tokens") if k in stats})
         self.log_dict({f"train/{k}": v.detach().float() for k, v in logs.items()}, prog_bar=False)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("lr", lr)
+
+    def reconstruct_batch(self, batch, step: int):
+        """The tokenizer on a training batch -> (reconstructions, quantizer losses, stats, extra logs). With
+        `module.perturb` the decoder sees perturbed codes, scheduled by step / max_steps; the measured share
+        of changed tokens is logged as perturb_rate."""
+        if self.perturbation is None:
+            return *self.tokenizer(batch["image"]), {}
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 100_000
+        record = {}
+        hook = self.perturbation.hook(self.tokenizer.code_vectors, min(1.0, step / total), record)
+        return *self.tokenizer(batch["image"], perturb=hook), perturbation_logs(record)
 
     # ---- validation on the EMA weights ---------------------------------------------------------------------
     def on_validation_epoch_start(self):
@@ -126,7 +142,10 @@ class TokenizerModule(L.LightningModule):
 
     def on_validation_epoch_end(self):
         codes = self.all_gather(torch.cat(self._val["codes"])).flatten()
-        histogram = code_histogram_stats(codes, self.ema.token_spec.vocab_size)
+        # A tokenizer with several codebooks per token (fq.py) measures each through `codebook_stats`.
+        own_stats = getattr(self.ema, "codebook_stats", None)
+        vocab_size = self.ema.token_spec.vocab_size
+        histogram = own_stats(codes) if own_stats else code_histogram_stats(codes, vocab_size)
         metrics = {
             "psnr": torch.cat(self._val["psnr"]).mean(),
             "ssim": torch.cat(self._val["ssim"]).mean(),
@@ -143,4 +162,11 @@ class TokenizerModule(L.LightningModule):
         return {"reconstructions": (pairs, 8)}
 
     def export_model(self) -> Tokenizer:
+        """The EMA tokenizer; one with a post-training step (`prepare_export(train batches) -> report`, e.g.
+        TokenBridge's quantiser fit) runs it first, on the training data."""
+        prepare = getattr(self.ema, "prepare_export", None)
+        trainer = getattr(self, "_trainer", None)
+        if prepare is not None and trainer is not None and trainer.datamodule is not None:
+            report = prepare(trainer.datamodule.train_dataloader())
+            rank_zero_info("prepare_export: " + "  ".join(f"{k}={v:.4g}" for k, v in report.items()))
         return self.ema
