@@ -5,7 +5,8 @@
 
 For every tokenizer whose every prefix decodes (One-D-Piece, FlexTok; TiTok too, untrained for it), at
 k = 1, 2, 4, ..., N tokens: PSNR, SSIM and rFID of the k-token reconstructions of the held-out crops, and the
-bytes per image a k-token code costs, k * log2(V) / 8 (an ideal fixed-length code, no entropy coding).
+bytes per image a k-token code costs, k * bits per token / 8 (an ideal fixed-length code, no entropy coding;
+bits per token = token_dim * log2(V)).
 Beside them JPEG and WebP (Pillow) over a sweep of quality settings, where bytes are the real file sizes,
 headers included; at 32x32 the headers and tables are most of a file, so each codec is also measured by its
 payload alone ("JPEG payload": the entropy-coded scan; "WebP payload": the VP8 frame data), the fairer
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -97,7 +97,7 @@ def tokenizer_curve(
     """(rows of the curve, (K, 3, H, W) prefix grid of the first crops) of one exported tokenizer."""
     tokenizer = from_pretrained(path)
     spec = tokenizer.token_spec
-    bits = math.log2(spec.vocab_size)
+    bits = spec.bits_per_token
     batches = images.split(batch_size)
     tokens = [tokenizer.encode(b) for b in batches]
     rows, grid_columns = [], []
@@ -185,8 +185,8 @@ def quality_cells(row: dict) -> str:
 def write_markdown(results: dict, path: Path) -> None:
     lines = [
         f"Held-out photo crops: {results['num_images']} at {results['resolution']}px; rFID[{PHOTOS_NET}] "
-        "against the same crops. Token bytes = k * log2(V) / 8; codec bytes = mean file size with headers, "
-        "or (payload) the coded data alone.",
+        "against the same crops. Token bytes = k * bits per token / 8; codec bytes = mean file size with "
+        "headers, or (payload) the coded data alone.",
         "",
         "| method | tokens / quality | bytes | PSNR (dB) | SSIM | rFID |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -17,6 +17,7 @@ without unpickling anything (diffusers' convention).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +42,11 @@ class TokenSpec:
     def __post_init__(self):
         if self.kind not in TOKEN_KINDS:
             raise ValueError(f"TokenSpec.kind={self.kind!r}; expected one of {TOKEN_KINDS}")
+
+    @property
+    def bits_per_token(self) -> float:
+        """Bits of a fixed-length code for one position: token_dim elements of log2(vocab_size) bits each."""
+        return (self.token_dim or 1) * math.log2(self.vocab_size)
 
 
 @dataclass
