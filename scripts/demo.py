@@ -5,7 +5,8 @@
     3. train a GPT on the tokens                 python train.py +experiment=gpt_quickstart
     4. sample without and with guidance, and decode uniformly random tokens as a floor
                                                  python scripts/sample.py ...
-    5. measure rFID, gFID, IS, conditional accuracy
+    5. measure rFID, gFID, IS, conditional accuracy, and the floor: the gFID of the tokenizer's own
+       reconstructions of training crops, the best a generator of its tokens can reach
                                                  python scripts/evaluate.py ...
 
 Each step resumes or skips finished work, so running the demo again is quick. The summary table is
@@ -75,6 +76,7 @@ def main() -> None:
         "cfg": sample(f"cfg{CFG_SCALE}", "ar", CFG_SCALE),
     }
     recon = evaluate("rfid", "mode=rfid", f"tokenizer_path={TOKENIZER}")
+    floor = evaluate("floor", "mode=floor", f"tokenizer_path={TOKENIZER}", f"floor_samples={NUM_SAMPLES}")
     scores = {k: evaluate(k, "mode=gfid", f"samples={v / 'samples.npz'}") for k, v in folders.items()}
 
     extractor = recon["feature_extractor"]
@@ -85,6 +87,7 @@ def main() -> None:
         "gfid": scores["plain"][f"fid[{extractor}]"],
         "gfid_cfg": scores["cfg"][f"fid[{extractor}]"],
         "gfid_random_tokens": scores["random"][f"fid[{extractor}]"],
+        "gfid_floor": floor[f"fid[{extractor}]"],
         "inception_score": scores["cfg"][f"is[{extractor}]"],
         "cond_accuracy": scores["cfg"]["cond_accuracy"],
         "cond_accuracy_no_cfg": scores["plain"]["cond_accuracy"],
@@ -100,6 +103,7 @@ def main() -> None:
         ("rFID (tokenizer reconstructions)", summary["rfid"]),
         ("PSNR (dB)", summary["psnr"]),
         ("gFID, uniformly random tokens", summary["gfid_random_tokens"]),
+        ("gFID, tokenizer reconstructions (floor)", summary["gfid_floor"]),
         ("gFID, no guidance", summary["gfid"]),
         (f"gFID, guidance {CFG_SCALE}", summary["gfid_cfg"]),
         (f"IS, guidance {CFG_SCALE}", summary["inception_score"]),

@@ -3,6 +3,7 @@
     python scripts/evaluate.py mode=rfid tokenizer_path=runs/titok_quickstart/export
     python scripts/evaluate.py mode=pfid tokenizer_path=runs/titok_quickstart/export
     python scripts/evaluate.py mode=gfid samples=runs/gpt_quickstart/samples/cfg2.0/samples.npz
+    python scripts/evaluate.py mode=floor tokenizer_path=runs/titok_quickstart/export
     python scripts/evaluate.py mode=folders input1=generated/ input2=real/
 
 - rfid: reconstructs the validation crops of the data config at the tokenizer's resolution and compares
@@ -18,6 +19,10 @@
   scripts/sample.py writes) against `reference_samples` training crops of the data config at the samples'
   resolution, whose statistics are cached (per data settings, resolution, count and seed). With labels and
   the embedded photos, also the conditional accuracy: the share of samples photos-net assigns to their class.
+- floor: gfid of the tokenizer's own reconstructions of `floor_samples` training crops (the crops after the
+  reference's, so none is in the reference) against gfid's reference: the best gFID a generator of these
+  tokens can reach, and with it the conditional accuracy of real crops. A generator at this floor is
+  limited by its tokenizer, not by its own training.
 - folders: input1 against input2, nothing cached (folders change).
 
 Features: `extractor=auto` uses Inception when `paths.inception_weights` is set, else photos-net (trained
@@ -66,6 +71,7 @@ REQUIRED = {  # mode -> the settings it cannot run without
     "rfid": ("tokenizer_path",),
     "pfid": ("tokenizer_path",),
     "gfid": ("samples",),
+    "floor": ("tokenizer_path",),
     "folders": ("input1", "input2"),
 }
 
@@ -213,6 +219,51 @@ def load_samples(path: Path) -> tuple[torch.Tensor | str, np.ndarray | None, int
 def evaluate_gfid(cfg: DictConfig, extractor: str, weights: Path, device: str) -> dict:
     """Samples vs training crops: FID family, and conditional accuracy when the samples carry labels."""
     samples, labels, resolution = load_samples(Path(cfg.samples))
+    return {
+        **against_training_crops(cfg, samples, labels, resolution, extractor, weights, device),
+        "samples": str(cfg.samples),
+    }
+
+
+@torch.no_grad()
+def evaluate_floor(cfg: DictConfig, extractor: str, weights: Path, device: str) -> dict:
+    """gfid of reconstructed training crops (ids reference_samples.., disjoint from the reference)."""
+    tokenizer = from_pretrained(cfg.tokenizer_path, device)
+    resolution = tokenizer.config.get("image_size", cfg.data.resolution)
+    data = instantiate(cfg.data, resolution=resolution)
+    if not hasattr(data, "train_dataset"):
+        raise ConfigError(f"floor reconstructs training crops, and {cfg.data._target_} has no train_dataset")
+    first = cfg.reference_samples
+    reconstructions, labels = [], []
+    for start in tqdm(range(0, cfg.floor_samples, cfg.batch_size), desc="reconstructing", unit="batch"):
+        items = [
+            data.train_dataset[first + i]
+            for i in range(start, min(cfg.floor_samples, start + cfg.batch_size))
+        ]
+        images = torch.stack([item["image"] for item in items]).to(device)  # (b, 3, H, W)
+        reconstructions.append(uint8_images(tokenizer.reconstruct(images).float().clamp(-1, 1)))
+        labels += [item["label"] for item in items]
+    result = against_training_crops(
+        cfg, torch.cat(reconstructions), np.array(labels), resolution, extractor, weights, device
+    )
+    return {
+        **result,
+        "tokenizer": str(cfg.tokenizer_path),
+        "samples": f"reconstructions of training crops {first}..{first + cfg.floor_samples - 1}",
+    }
+
+
+def against_training_crops(
+    cfg: DictConfig,
+    samples,
+    labels: np.ndarray | None,
+    resolution: int,
+    extractor: str,
+    weights: Path,
+    device: str,
+) -> dict:
+    """FID family of `samples` (uint8 (N, 3, H, W) or a folder) vs the cached training-crop reference, plus
+    the conditional accuracy when labels are given and the data are the embedded photos."""
     data = instantiate(cfg.data, resolution=resolution)
     if not hasattr(data, "train_dataset"):
         raise ConfigError(f"gfid draws reference crops from a train_dataset, which {cfg.data._target_} lacks")
@@ -230,7 +281,6 @@ def evaluate_gfid(cfg: DictConfig, extractor: str, weights: Path, device: str) -
         "num_samples": count_images(samples),
         "reference": f"{type(data).__name__} training crops 0..{cfg.reference_samples - 1} at {resolution}px",
         "num_reference": cfg.reference_samples,
-        "samples": str(cfg.samples),
         "resolution": resolution,
     }
     if labels is not None and isinstance(data, PhotosDataModule):  # photos-net knows the photos' classes
@@ -262,6 +312,7 @@ def default_out(cfg: DictConfig) -> Path:
         "rfid": cfg.tokenizer_path,
         "pfid": cfg.tokenizer_path,
         "gfid": cfg.samples,
+        "floor": cfg.tokenizer_path,
         "folders": cfg.input1,
     }
     source = Path(inputs[cfg.mode])
@@ -283,6 +334,7 @@ def run(cfg: DictConfig) -> dict:
         "rfid": evaluate_rfid,
         "pfid": evaluate_pfid,
         "gfid": evaluate_gfid,
+        "floor": evaluate_floor,
         "folders": evaluate_folders,
     }
     evaluate = evaluate[cfg.mode]

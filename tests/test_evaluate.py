@@ -96,6 +96,33 @@ def test_rfid_reconstructs_at_the_tokenizer_resolution(workspace):
     assert (workspace / "tokenizer-rfid.json").is_file()
 
 
+def test_floor_scores_reconstructed_training_crops_outside_the_reference(workspace, monkeypatch):
+    tokenizer = workspace / "floor_tokenizer"
+    TiTok(16, 4, "tiny", width=32, depth=1, heads=2, num_tokens=8, codebook_size=64).save_pretrained(
+        tokenizer
+    )
+    settings = ["mode=floor", f"tokenizer_path={tokenizer}", "reference_samples=64", "floor_samples=48"]
+    untrained = evaluate(workspace, *settings)
+    assert untrained["num_samples"] == 48 and untrained["num_reference"] == 64
+    assert untrained["samples"] == "reconstructions of training crops 64..111"
+    assert {"fid[photos-net]", "cond_accuracy"} <= set(untrained)
+    assert (workspace / "floor_tokenizer-floor.json").is_file()
+
+    seen = []
+
+    def identity(self, images):
+        seen.append(images)
+        return images
+
+    monkeypatch.setattr(TiTok, "reconstruct", identity)  # a lossless tokenizer: its floor is real crops
+    lossless = evaluate(workspace, *settings)
+    crops = PhotosDataModule(16, 8).train_dataset
+    first = torch.stack([crops[64 + i]["image"] for i in range(len(seen[0]))])
+    assert torch.equal(seen[0], first), "floor reconstructs the crops after the reference's"
+    assert lossless["fid[photos-net]"] < untrained["fid[photos-net]"] / 2
+    assert lossless["cond_accuracy"] > untrained["cond_accuracy"]
+
+
 def test_auto_extractor_is_inception_when_its_weights_are_set(workspace):
     folders = ["mode=folders", f"input1={workspace / 'photos'}", f"input2={workspace / 'photos'}"]
     with pytest.raises(FileNotFoundError, match="paths.inception_weights"):
