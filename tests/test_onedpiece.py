@@ -71,6 +71,21 @@ def test_batch_mode_draws_one_k_per_batch_covering_the_range(min_tokens):
     assert set(drawn) == set(range(min_tokens, N + 1))
 
 
+@pytest.mark.parametrize("tail_drop", ["batch", "sample"])
+def test_full_length_prob_keeps_every_token_that_often_and_still_draws_every_length(tail_drop):
+    def draws(model):  # 2000 draws, one per batch in batch mode
+        rows = 1 if tail_drop == "batch" else 4
+        return torch.cat([model.draw_lengths(4)[:rows] for _ in range(2000 // rows)])
+
+    mixed, uniform = draws(tiny(tail_drop, full_length_prob=0.5)), draws(tiny(tail_drop))
+    # P(k = N) = 0.5 + 0.5 / N with full_length_prob 0.5; 1 / N under the uniform rule
+    assert (mixed == N).float().mean().item() == pytest.approx(0.5 + 0.5 / N, abs=0.04)
+    assert (uniform == N).float().mean().item() == pytest.approx(1 / N, abs=0.04)
+    assert set(mixed.tolist()) == set(uniform.tolist()) == set(range(1, N + 1))
+    with pytest.raises(ValueError, match="full_length_prob=1"):
+        tiny(full_length_prob=1)
+
+
 def test_sample_mode_draws_k_per_image():
     model = tiny("sample").train()
     x, drawn, mixed = images(8), set(), 0

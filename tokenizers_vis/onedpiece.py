@@ -19,6 +19,11 @@ Deliberate choices (see METHODS.md):
   a learned mask token (FlexTok's nested dropout) would differ: that token would still be seen.
 - `tail_drop="none"` is plain TiTok training (the ablation).
 - `min_tokens` (default 1) is the shortest prefix drawn; k is uniform over min_tokens..N.
+- `full_length_prob` (default 0, the official rule) keeps all N tokens for that share of the draws and
+  draws k ~ U{min_tokens..N} for the rest. Under the uniform rule token j reaches the decoder in only
+  (N - j + 1) / N of the steps and the full sequence in 1 / N of them, so a short run leaves the tail, and
+  with it full-length quality, undertrained (the paper trains for hundreds of thousands of steps). The CPU
+  quickstart uses 0.5; every prefix length is still drawn.
 - The quantiser, and its commitment/codebook losses, run on all N tokens: the encoder keeps learning every
   token, also the ones a step's decoder does not see (those get no reconstruction gradient that step).
 - The drawn lengths are reported in `stats["lengths"]` (B,) and their mean in `stats["kept_tokens"]`.
@@ -37,7 +42,6 @@ Published models: S / B / L with 256 tokens at 256x256, patch 16, VQ 4096 x 12 (
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 
 from .adaptive import shortest_prefix
 from .base import Tokens, register
@@ -68,30 +72,26 @@ def masked_decode(decoder: TiTokDecoder, latents: torch.Tensor, lengths: torch.T
     x = trunk.ln_pre(torch.cat([masks, latents], dim=1))  # (B, P + k, W)
     for block in trunk.blocks:
         x = block(x, attn_mask=visible)
-    x = trunk.ln_post(x)[:, :num_masks]  # (B, P, W)
-    pixels = rearrange(
-        decoder.to_pixels(x),
-        "b (h w) (p q c) -> b c (h p) (w q)",
-        h=decoder.grid,
-        p=decoder.patch_size,
-        q=decoder.patch_size,
-    )  # (B, 3, H, W)
-    return decoder.conv_out(pixels)
+    return decoder.to_image(trunk.ln_post(x)[:, :num_masks])  # (B, 3, H, W)
 
 
 @register("onedpiece")
 class OneDPiece(TiTok):
     decodes_row_lengths = True  # decode() honours per-row tokens.lengths in one call (adaptive.py uses it)
 
-    def __init__(self, tail_drop: str = "batch", min_tokens: int = 1, **titok_kwargs):
+    def __init__(
+        self, tail_drop: str = "batch", min_tokens: int = 1, full_length_prob: float = 0.0, **titok_kwargs
+    ):
         super().__init__(**titok_kwargs)
         num_tokens = self.config["num_tokens"]
         if tail_drop not in TAIL_DROP_MODES:
             raise ValueError(f"OneDPiece tail_drop={tail_drop!r}; expected one of {TAIL_DROP_MODES}")
         if not 1 <= min_tokens <= num_tokens:
             raise ValueError(f"OneDPiece min_tokens={min_tokens}; expected 1 <= min_tokens <= {num_tokens}")
-        self.tail_drop, self.min_tokens = tail_drop, min_tokens
-        self.config.update(tail_drop=tail_drop, min_tokens=min_tokens)
+        if not 0 <= full_length_prob < 1:
+            raise ValueError(f"OneDPiece full_length_prob={full_length_prob}; expected 0 <= p < 1")
+        self.tail_drop, self.min_tokens, self.full_length_prob = tail_drop, min_tokens, full_length_prob
+        self.config.update(tail_drop=tail_drop, min_tokens=min_tokens, full_length_prob=full_length_prob)
 
     def draw_lengths(self, batch: int) -> torch.Tensor | None:
         """Tail Token Drop: kept prefix length per row, (B,) long on the CPU; None = keep all N."""
@@ -100,6 +100,8 @@ class OneDPiece(TiTok):
             return None
         draws = 1 if self.tail_drop == "batch" else batch
         lengths = torch.randint(self.min_tokens, num_tokens + 1, (draws,))
+        if self.full_length_prob > 0:
+            lengths[torch.rand(draws) < self.full_length_prob] = num_tokens
         return lengths.expand(batch) if self.tail_drop == "batch" else lengths
 
     def _decode_latents(self, latents: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
