@@ -6,9 +6,7 @@ vector-quantised, so an image becomes a 1D sequence of N codes whatever its size
 
 Deliberate choices (see METHODS.md):
 - Single-stage pixel recipe: the decoder regresses pixels (linear to patch pixels, then a 3x3 conv); the
-  original two-stage recipe's proxy codes from a frozen VQGAN are not used. `head_channels=c` swaps the
-  read-out for c channels per pixel and two 3x3 convs, which smooth the seams between patches that a
-  short run leaves (the CPU quickstarts use it).
+  original two-stage recipe's proxy codes from a frozen VQGAN are not used.
 - Latent tokens are appended after the patches, each with its own learned position embedding; attention is
   bidirectional; blocks are timm's ViT blocks (SDPA attention).
 - Tokens are kept as (B, N, D) throughout; the official legacy path's reshape of (B, N, C) to (B, C, N, 1)
@@ -94,7 +92,6 @@ class TiTokDecoder(nn.Module):
         heads: int,
         num_tokens: int,
         code_dim: int,
-        head_channels: int = 0,
     ):
         super().__init__()
         self.grid = image_size // patch_size
@@ -105,21 +102,8 @@ class TiTokDecoder(nn.Module):
         self.mask_token = _embedding(1, 1, width, scale=scale)
         self.mask_pos = _embedding(self.grid**2, width, scale=scale)
         self.trunk = ViT(width, depth, heads)
-        # Pixel head. head_channels = 0: the single-stage recipe, a linear read-out of each patch's RGB
-        # pixels then one 3x3 conv. c > 0: a read-out of c channels per pixel, then 3x3 conv, GELU, 3x3 conv
-        # to RGB, which see across patch borders: short runs otherwise leave visible seams between patches
-        # (each patch is its own linear read-out), and the seams cost FID more than PSNR.
-        channels = head_channels or 3
-        self.to_pixels = nn.Linear(width, patch_size * patch_size * channels)
-        self.conv_out = (
-            nn.Sequential(
-                nn.Conv2d(channels, channels, kernel_size=3, padding=1),
-                nn.GELU(),
-                nn.Conv2d(channels, 3, kernel_size=3, padding=1),
-            )
-            if head_channels
-            else nn.Conv2d(3, 3, kernel_size=3, padding=1)
-        )
+        self.to_pixels = nn.Linear(width, patch_size * patch_size * 3)
+        self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         batch, k = latents.shape[:2]  # (B, k, D), k <= N: any prefix of the token sequence
@@ -136,7 +120,7 @@ class TiTokDecoder(nn.Module):
             h=self.grid,
             p=self.patch_size,
             q=self.patch_size,
-        )  # (B, c, H, W)
+        )  # (B, 3, H, W)
         return self.conv_out(pixels)
 
 
@@ -157,7 +141,6 @@ class TiTok(Tokenizer):
         commitment_weight: float = 0.25,
         dead_code_threshold: float = 0.0,
         usage_decay: float = 0.99,
-        head_channels: int = 0,
     ):
         super().__init__()
         if size not in TITOK_SIZES:
@@ -180,7 +163,6 @@ class TiTok(Tokenizer):
             commitment_weight=commitment_weight,
             dead_code_threshold=dead_code_threshold,
             usage_decay=usage_decay,
-            head_channels=head_channels,
         )
         shape = dict(
             image_size=image_size,
@@ -200,7 +182,7 @@ class TiTok(Tokenizer):
             dead_code_threshold=dead_code_threshold,
             usage_decay=usage_decay,
         )
-        self.decoder = TiTokDecoder(**shape, head_channels=head_channels)
+        self.decoder = TiTokDecoder(**shape)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> TiTok:
