@@ -237,9 +237,14 @@ def test_quickstart_trains_and_exports_a_onedpiece(tmp_path):
             *TINY_TRAINER,
         ]
     )
-    assert (cfg.tokenizer.num_tokens, cfg.tokenizer.patch_size, cfg.module.loss.gan_weight) == (64, 8, 0.0)
+    # titok_quickstart's recipe and token count, plus tail drop
+    titok = compose_config(["+experiment=titok_quickstart"])
+    for key in ("num_tokens", "patch_size", "code_dim"):
+        assert cfg.tokenizer[key] == titok.tokenizer[key]
+    assert cfg.tokenizer.num_tokens == 32 and cfg.tokenizer.full_length_prob == 0.5
+    assert cfg.module.loss == titok.module.loss and cfg.module.disc_lr == titok.module.disc_lr
     metrics = train.run(cfg)
     assert metrics["steps"] == 4
     export = from_pretrained(tmp_path / "run" / "export")
     assert type(export) is OneDPiece and export.config["tail_drop"] == "batch"
-    assert export.token_spec.num_tokens == 64
+    assert export.token_spec.num_tokens == 32 and export.config["full_length_prob"] == 0.5
