@@ -128,7 +128,9 @@ def test_flextok_takes_the_hook():
 
 def test_training_with_perturbation_logs_the_measured_rate(tmp_path):
     overrides = ["+experiment=titok_perturb_quickstart", *TINY_SIZES, "tokenizer.num_tokens=8", *TINY_TRAINER]
-    overrides += ["module.perturb.alpha=0.5", "module.perturb.beta=1.0", f"paths.run_dir={tmp_path / 'run'}"]
+    assert compose_config(overrides).module.perturb.delta == 100  # the quickstart's, pFID's neighbourhood
+    overrides += ["module.perturb.alpha=0.5", "module.perturb.beta=1.0", "module.perturb.delta=25"]
+    overrides += [f"paths.run_dir={tmp_path / 'run'}"]
     cfg = compose_config(overrides)
     assert cfg.module.perturb.delta == 25 and cfg.tokenizer.codebook_size == 64
     metrics = train.run(cfg)
