@@ -182,7 +182,7 @@ def ensure_feature_net(
 
 
 # ----------------------------------------------------------------------------- training
-def _stack_crops(dataset, count: int, desc: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_crops(dataset, count: int, desc: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Items 0..count-1 of a PhotoCrops dataset -> images (N, 3, r, r) in [-1, 1], labels (N,)."""
     items = [
         dataset[i] for i in tqdm(range(count), desc=desc, unit="crop", disable=not progress, leave=False)
@@ -225,8 +225,8 @@ def train_feature_net(
     start = time.perf_counter()
     torch.manual_seed(seed)
     data = PhotosDataModule(resolution, batch_size, seed=seed, val_per_class=val_per_class)
-    images, labels = _stack_crops(data.train_dataset, pool_size, "photos-net training crops", progress)
-    val_images, val_labels = _stack_crops(
+    images, labels = stack_crops(data.train_dataset, pool_size, "photos-net training crops", progress)
+    val_images, val_labels = stack_crops(
         data.val_dataset, len(data.val_dataset), "validation crops", progress
     )
 
