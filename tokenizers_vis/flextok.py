@@ -614,7 +614,8 @@ def _load_vae(vae_path) -> nn.Module:
         vae_path,
         "paths.flextok_vae",
         "FlexTok first_stage=vae needs a diffusers AutoencoderKL folder",
-        "set paths.flextok_vae to a local AutoencoderKL folder, or tokenizer.first_stage=pixels",
+        "set paths.flextok_vae to a local AutoencoderKL folder (python scripts/train_autoencoder.py trains a "
+        "small one on the embedded photos), or tokenizer.first_stage=pixels",
         folder=True,
     )
     from diffusers import AutoencoderKL
