@@ -237,14 +237,15 @@ def test_quickstart_trains_and_exports_a_onedpiece(tmp_path):
             *TINY_TRAINER,
         ]
     )
-    # titok_quickstart's recipe and token count, plus tail drop
+    # titok_quickstart's sizes, token count and steps, plus per-image tail drop, and no GAN
     titok = compose_config(["+experiment=titok_quickstart"])
     for key in ("num_tokens", "patch_size", "code_dim"):
         assert cfg.tokenizer[key] == titok.tokenizer[key]
-    assert cfg.tokenizer.num_tokens == 32 and cfg.tokenizer.full_length_prob == 0.5
-    assert cfg.module.loss == titok.module.loss and cfg.module.disc_lr == titok.module.disc_lr
+    assert compose_config(["+experiment=onedpiece_quickstart"]).trainer.max_steps == titok.trainer.max_steps
+    assert cfg.tokenizer.num_tokens == 32 and cfg.tokenizer.full_length_prob == 0.8
+    assert cfg.module.loss.gan_weight == 0.0
     metrics = train.run(cfg)
     assert metrics["steps"] == 4
     export = from_pretrained(tmp_path / "run" / "export")
-    assert type(export) is OneDPiece and export.config["tail_drop"] == "batch"
-    assert export.token_spec.num_tokens == 32 and export.config["full_length_prob"] == 0.5
+    assert type(export) is OneDPiece and export.config["tail_drop"] == "sample"
+    assert export.token_spec.num_tokens == 32 and export.config["full_length_prob"] == 0.8

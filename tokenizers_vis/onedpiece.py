@@ -23,7 +23,7 @@ Deliberate choices (see METHODS.md):
   draws k ~ U{min_tokens..N} for the rest. Under the uniform rule token j reaches the decoder in only
   (N - j + 1) / N of the steps and the full sequence in 1 / N of them, so a short run leaves the tail, and
   with it full-length quality, undertrained (the paper trains for hundreds of thousands of steps). The CPU
-  quickstart uses 0.5; every prefix length is still drawn.
+  quickstart uses 0.8 with per-image draws; every prefix length is still drawn.
 - The quantiser, and its commitment/codebook losses, run on all N tokens: the encoder keeps learning every
   token, also the ones a step's decoder does not see (those get no reconstruction gradient that step).
 - The drawn lengths are reported in `stats["lengths"]` (B,) and their mean in `stats["kept_tokens"]`.
