@@ -277,6 +277,27 @@ def test_repa_aligns_decoder_features_to_a_frozen_teacher(teacher_file, tmp_path
     assert "\n" not in str(error.value)
 
 
+def test_repa_with_photos_net_aligns_to_its_map_at_the_decoder_grid(tmp_path):
+    from training.feature_net import PhotosNet
+
+    folder = tmp_path / "photos-net"
+    PhotosNet([f"photo{i}" for i in range(3)], resolution=16, widths=(4, 8, 12)).save_pretrained(folder)
+    model = tiny(repa_weights=str(folder), repa_teacher="photos-net", repa_hidden=16)  # decoder grid 16/4 = 4
+    teacher = model._teacher.module
+    assert teacher.stage == 2 and teacher.num_features == 12  # the 4x4 map: 16 px / 2^2
+    assert teacher.patch_features(images(), 4).shape == (2, 12, 4, 4)
+    assert not any("_teacher" in k or "net." in k for k in model.state_dict())
+    perturb_zero_init(model)
+    _, losses, _ = model.train()(images())
+    assert 0 <= losses["repa"].item() <= 2
+    sum(losses.values()).backward()
+    assert model.decoder.blocks[0].qkv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher stays frozen
+    with pytest.raises(FileNotFoundError, match="paths.repa_weights.*train_feature_net") as error:
+        tiny(repa_weights=str(tmp_path / "nowhere"), repa_teacher="photos-net")
+    assert "\n" not in str(error.value)
+
+
 # ---- configs and training ---------------------------------------------------------------------------------
 
 

@@ -43,8 +43,10 @@ Deliberate choices (METHODS.md marks several details [unverified]; what is chose
   the patch features after decoder block `repa_layer` (default depth // 3 [unverified]) go through a
   3-layer SiLU MLP and are aligned to the frozen teacher's patch features (bilinearly resized to the
   decoder grid) with loss `repa_weight * (1 - cos)`. Teacher and weight are [unverified] for FlexTok; the
-  default teacher is DINOv2-L at 224px. The teacher is held like the VAE; the projection head is dropped
-  from exports (`save_pretrained`).
+  default teacher is DINOv2-L at 224px. `repa_teacher="photos-net"` uses instead the project's classifier
+  of the embedded photos (training/feature_net.py; `repa_weights` is its folder) and its activation map at
+  the decoder's grid size (the deepest stage, when none matches), so the CPU quickstart can have REPA too.
+  The teacher is held like the VAE; the projection head is dropped from exports (`save_pretrained`).
 - `forward` returns (reconstructions, losses, stats). Training: losses = {"flow"(, "repa")}, and the
   reconstructions are the one-step estimate x0_hat = x_t - t * v_pred decoded to pixels, DETACHED and
   computed without gradients (for logging: pixel, perceptual and GAN weights must be 0; the flow loss
@@ -432,7 +434,7 @@ class FlexTok(Tokenizer):
         self._teacher: _Frozen | None = None
         self.repa_head: nn.Module | None = None
         if repa_weights is not None:
-            teacher = _load_teacher(repa_weights, repa_teacher, repa_image_size)
+            teacher = _load_teacher(repa_weights, repa_teacher, repa_image_size, grid)
             self._teacher = _Frozen(teacher)
             self.repa_head = nn.Sequential(
                 nn.Linear(decoder_width, repa_hidden),
@@ -578,23 +580,11 @@ class FlexTok(Tokenizer):
         """1 - mean cosine similarity between projected decoder patch features (B, P, W) and the frozen
         teacher's patch features of the clean images, resized to the decoder's patch grid."""
         teacher = self._teacher.on(images.device)
-        size = self.config["repa_image_size"]
-        cfg = teacher.pretrained_cfg
-        mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), device=images.device).view(1, 3, 1, 1)
+        grid = self.decoder.grid
         with torch.no_grad():
-            x = F.interpolate(
-                (images.float() + 1) / 2, size=(size, size), mode="bicubic", align_corners=False
-            )
-            target = teacher.forward_features((x - mean) / std)[
-                :, teacher.num_prefix_tokens :
-            ]  # (B, N_t, D_t)
-            side = math.isqrt(target.shape[1])
-            target = rearrange(target.float(), "b (h w) d -> b d h w", h=side)
-            if side != self.decoder.grid:
-                target = F.interpolate(
-                    target, size=(self.decoder.grid,) * 2, mode="bilinear", align_corners=False
-                )
+            target = teacher.patch_features(images.float(), grid).float()  # (B, D_t, h, w)
+            if target.shape[-1] != grid:
+                target = F.interpolate(target, size=(grid, grid), mode="bilinear", align_corners=False)
             target = rearrange(target, "b d h w -> b (h w) d")  # (B, P, D_t)
         prediction = self.repa_head(features).float()  # (B, P, D_t)
         return 1 - F.cosine_similarity(prediction, target, dim=-1).mean()
@@ -623,17 +613,62 @@ def _load_vae(vae_path) -> nn.Module:
     return AutoencoderKL.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False)
 
 
-def _load_teacher(weights, name: str, image_size: int) -> nn.Module:
+class TimmPatchTeacher(nn.Module):
+    """A timm ViT (e.g. DINOv2): images (B, 3, H, W) in [-1, 1] -> patch features (B, D_t, h, w)."""
+
+    def __init__(self, model: nn.Module, image_size: int):
+        super().__init__()
+        self.model, self.image_size, self.num_features = model, image_size, model.num_features
+        cfg = model.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
+
+    def patch_features(self, images: torch.Tensor, grid: int) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        x = F.interpolate((images + 1) / 2, size=size, mode="bicubic", align_corners=False)
+        tokens = self.model.forward_features((x - self.mean) / self.std)[:, self.model.num_prefix_tokens :]
+        return rearrange(tokens, "b (h w) d -> b d h w", h=math.isqrt(tokens.shape[1]))
+
+
+class PhotosNetPatchTeacher(nn.Module):
+    """photos-net (training/feature_net.py): images in [-1, 1] -> its activation map whose side equals the
+    decoder grid, or the deepest one when none does, (B, D_t, h, w)."""
+
+    def __init__(self, net: nn.Module, grid: int):
+        super().__init__()
+        self.net = net
+        sides = [net.resolution >> i for i in range(len(net.config["widths"]))]
+        self.stage = sides.index(grid) if grid in sides else len(sides) - 1
+        self.num_features = net.config["widths"][self.stage]
+
+    def patch_features(self, images: torch.Tensor, grid: int) -> torch.Tensor:
+        size = (self.net.resolution, self.net.resolution)
+        if images.shape[-2:] != size:
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return self.net.feature_maps(images)[self.stage]
+
+
+def _load_teacher(weights, name: str, image_size: int, grid: int) -> nn.Module:
+    """The frozen REPA teacher: photos-net from its folder, or a timm model from a weights file."""
+    is_photos_net = name == "photos-net"
     path = _missing(
         weights,
         "paths.repa_weights",
         "FlexTok REPA needs frozen teacher weights",
-        f"set paths.repa_weights to a timm {name} weights file, or null to train without REPA",
-        folder=False,
+        "set paths.repa_weights to the photos-net folder (python scripts/train_feature_net.py), or null to "
+        "train without REPA"
+        if is_photos_net
+        else f"set paths.repa_weights to a timm {name} weights file, or null to train without REPA",
+        folder=is_photos_net,
     )
+    if is_photos_net:
+        from training.feature_net import load_feature_net  # lazy: only this teacher needs it
+
+        return PhotosNetPatchTeacher(load_feature_net(path), grid)
     import timm
 
     overlay = dict(file=str(path))
-    return timm.create_model(
+    model = timm.create_model(
         name, pretrained=True, pretrained_cfg_overlay=overlay, img_size=image_size, num_classes=0
     )
+    return TimmPatchTeacher(model, image_size)

@@ -82,6 +82,18 @@ class PhotosNet(Exportable, nn.Module):
         features = self.body(images)  # (B, D)
         return features, self.classifier(self.dropout(features))  # (B, D), (B, C)
 
+    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images in [-1, 1] at the net's resolution -> each stage's activation map, (B, C_i, r / 2^i, r / 2^i)
+        for i = 0..3: the spatial features a REPA teacher aligns to (tokenizers_vis/flextok.py)."""
+        maps, x = [], images
+        for layer in self.body:
+            if isinstance(layer, nn.AdaptiveAvgPool2d):
+                break
+            x = layer(x)
+            if isinstance(layer, nn.SiLU):
+                maps.append(x)
+        return maps
+
 
 class PhotosNetExtractor(FeatureExtractorBase):
     """torch-fidelity's view of photos-net: uint8 (B, 3, H, W) -> the requested ("features", "logits").
