@@ -83,8 +83,8 @@ class PhotosNet(Exportable, nn.Module):
         return features, self.classifier(self.dropout(features))  # (B, D), (B, C)
 
     def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Images in [-1, 1] at the net's resolution -> each stage's activation map, (B, C_i, r / 2^i, r / 2^i)
-        for i = 0..3: the spatial features a REPA teacher aligns to (tokenizers_vis/flextok.py)."""
+        """Images in [-1, 1] at the net's resolution r -> every stage's activation map, stage i as
+        (B, widths[i], r / 2^i, r / 2^i): the spatial features a REPA teacher aligns to (flextok.py)."""
         maps, x = [], images
         for layer in self.body:
             if isinstance(layer, nn.AdaptiveAvgPool2d):
