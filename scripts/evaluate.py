@@ -9,6 +9,9 @@
 - rfid: reconstructs the validation crops of the data config at the tokenizer's resolution and compares
   the reconstructions with the originals: FID, IS, precision/recall, PSNR, SSIM. Both sets are held in
   memory as uint8 (2 x N x 3 x H x W bytes).
+  With `target_psnr` set (prefix tokenizers: One-D-Piece, FlexTok), each crop is encoded to the shortest
+  prefix whose reconstruction reaches that PSNR (tokenizers_vis.shortest_prefix), decoded from it, and the
+  JSON adds `mean_tokens` (the tokens spent per image) beside `num_tokens` (N).
 - pfid (RobustTok, "Robust Latent Matters", Qiu et al. 2025): rfid's code path, but every image's codes are
   perturbed before decoding (tokenizers_vis/perturb.py with beta = 1: each token, with probability
   `pfid_alpha`, becomes a code drawn uniformly among its `pfid_delta` nearest, itself included), seeded by
@@ -36,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -48,6 +52,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tokenizers_vis.adaptive import decode_lengths, shortest_prefix  # noqa: E402
 from tokenizers_vis.base import Tokens, from_pretrained  # noqa: E402
 from tokenizers_vis.perturb import LatentPerturbation  # noqa: E402
 from training.config import ConfigError  # noqa: E402
@@ -124,6 +129,18 @@ def perturbed_reconstruction(
     return reconstruct
 
 
+def adaptive_reconstruction(tokenizer, target_psnr: float, lengths: list) -> Callable:
+    """images -> reconstructions from each image's shortest prefix reaching target_psnr; appends the
+    prefix lengths (B,) to `lengths`."""
+
+    def reconstruct(images: torch.Tensor) -> torch.Tensor:
+        tokens = shortest_prefix(tokenizer, images, target_psnr=target_psnr)
+        lengths.append(tokens.lengths.cpu())
+        return decode_lengths(tokenizer, tokens)
+
+    return reconstruct
+
+
 def evaluate_rfid(
     cfg: DictConfig,
     extractor: str,
@@ -138,6 +155,11 @@ def evaluate_rfid(
     reconstruct = tokenizer.reconstruct
     if perturbation is not None:
         reconstruct = perturbed_reconstruction(tokenizer, perturbation, cfg.seed, device, record)
+    lengths: list[torch.Tensor] = []
+    if cfg.get("target_psnr") is not None:
+        if perturbation is not None:
+            raise ConfigError("target_psnr is for mode=rfid; pfid always decodes all the tokens")
+        reconstruct = adaptive_reconstruction(tokenizer, float(cfg.target_psnr), lengths)
     resolution = tokenizer.config.get("image_size", cfg.data.resolution)
     data = instantiate(cfg.data, resolution=resolution)
     originals, reconstructions, psnrs, ssims = [], [], [], []
@@ -162,6 +184,10 @@ def evaluate_rfid(
     )
     if record:
         metrics["replaced"] = record["replaced"] / max(1, record["tokens"])
+    if lengths:
+        metrics["target_psnr"] = float(cfg.target_psnr)
+        metrics["mean_tokens"] = torch.cat(lengths).float().mean().item()
+        metrics["num_tokens"] = tokenizer.token_spec.num_tokens
     return {
         **metrics,
         "psnr": torch.cat(psnrs).mean().item(),

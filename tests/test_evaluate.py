@@ -13,6 +13,7 @@ from PIL import Image
 
 import training.data
 from scripts.evaluate import run
+from tokenizers_vis.onedpiece import OneDPiece
 from tokenizers_vis.titok import TiTok
 from training.config import ConfigError, compose_config
 from training.data import PhotosDataModule, to_uint8
@@ -94,6 +95,22 @@ def test_rfid_reconstructs_at_the_tokenizer_resolution(workspace):
     assert {"fid[photos-net]", "is[photos-net]", "psnr", "ssim"} <= set(result)
     assert result["fid[photos-net]"] > 0 and 0 < result["psnr"] < 60
     assert (workspace / "tokenizer-rfid.json").is_file()
+
+
+def test_rfid_at_a_target_psnr_reports_the_tokens_spent(workspace):
+    tokenizer = workspace / "onedpiece"
+    size = dict(image_size=16, patch_size=4, size="tiny", width=32, depth=1, heads=2)
+    OneDPiece(**size, num_tokens=8, codebook_size=64).save_pretrained(tokenizer)
+    common = ("mode=rfid", f"tokenizer_path={tokenizer}", "data.val_per_class=2")
+    full = evaluate(workspace, *common)
+    assert "mean_tokens" not in full
+    easy = evaluate(workspace, *common, "target_psnr=0", f"out={workspace / 'easy.json'}")
+    assert easy["mean_tokens"] == 1 and easy["num_tokens"] == 8 and easy["target_psnr"] == 0
+    impossible = evaluate(workspace, *common, "target_psnr=99", f"out={workspace / 'hard.json'}")
+    assert impossible["mean_tokens"] == 8  # no prefix reaches it: every crop keeps all N tokens
+    assert impossible["psnr"] == pytest.approx(full["psnr"], abs=1e-4)  # so it decodes as plain rfid does
+    with pytest.raises(ConfigError, match="target_psnr"):
+        evaluate(workspace, "mode=pfid", *common[1:], "target_psnr=20")
 
 
 def test_floor_scores_reconstructed_training_crops_outside_the_reference(workspace, monkeypatch):

@@ -1,7 +1,7 @@
 """Visual tokenizers: one file per method, all behind the interface in base.py."""
 
 from . import binary, fq, perturb, tokenbridge  # noqa: F401  (registers their classes)
-from .adaptive import shortest_prefix
+from .adaptive import decode_lengths, shortest_prefix
 from .base import Exportable, Tokenizer, Tokens, TokenSpec, from_pretrained, register
 from .flextok import FlexTok
 from .onedpiece import OneDPiece
@@ -17,5 +17,6 @@ __all__ = [
     "TokenSpec",
     "from_pretrained",
     "register",
+    "decode_lengths",
     "shortest_prefix",
 ]

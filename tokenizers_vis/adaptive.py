@@ -72,6 +72,15 @@ def _decode_rows(tokenizer, tokens: Tokens, rows: torch.Tensor, lengths: torch.T
 
 
 @torch.no_grad()
+def decode_lengths(tokenizer, tokens: Tokens) -> torch.Tensor:
+    """Every row decoded from its own first tokens.lengths[b] codes (as `shortest_prefix` returns them): one
+    decoder call when the tokenizer decodes per-row lengths, else one per distinct length."""
+    rows = torch.arange(len(tokens.data), device=tokens.data.device)
+    per_row = bool(getattr(tokenizer, "decodes_row_lengths", False))
+    return _decode_rows(tokenizer, tokens, rows, tokens.lengths.to(rows.device), per_row)[0]
+
+
+@torch.no_grad()
 def shortest_prefix(
     tokenizer,
     images: torch.Tensor,
