@@ -285,7 +285,7 @@ def test_repa_with_photos_net_aligns_to_its_map_at_the_decoder_grid(tmp_path):
     model = tiny(repa_weights=str(folder), repa_teacher="photos-net", repa_hidden=16)  # decoder grid 16/4 = 4
     teacher = model._teacher.module
     assert teacher.stage == 2 and teacher.num_features == 12  # the 4x4 map: 16 px / 2^2
-    assert teacher.patch_features(images(), 4).shape == (2, 12, 4, 4)
+    assert teacher.patch_features(images()).shape == (2, 12, 4, 4)
     assert not any("_teacher" in k or "net." in k for k in model.state_dict())
     perturb_zero_init(model)
     _, losses, _ = model.train()(images())

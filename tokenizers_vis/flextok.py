@@ -582,7 +582,7 @@ class FlexTok(Tokenizer):
         teacher = self._teacher.on(images.device)
         grid = self.decoder.grid
         with torch.no_grad():
-            target = teacher.patch_features(images.float(), grid).float()  # (B, D_t, h, w)
+            target = teacher.patch_features(images.float()).float()  # (B, D_t, h, w)
             if target.shape[-1] != grid:
                 target = F.interpolate(target, size=(grid, grid), mode="bilinear", align_corners=False)
             target = rearrange(target, "b d h w -> b (h w) d")  # (B, P, D_t)
@@ -623,7 +623,7 @@ class TimmPatchTeacher(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
 
-    def patch_features(self, images: torch.Tensor, grid: int) -> torch.Tensor:
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         size = (self.image_size, self.image_size)
         x = F.interpolate((images + 1) / 2, size=size, mode="bicubic", align_corners=False)
         tokens = self.model.forward_features((x - self.mean) / self.std)[:, self.model.num_prefix_tokens :]
@@ -641,7 +641,7 @@ class PhotosNetPatchTeacher(nn.Module):
         self.stage = sides.index(grid) if grid in sides else len(sides) - 1
         self.num_features = net.config["widths"][self.stage]
 
-    def patch_features(self, images: torch.Tensor, grid: int) -> torch.Tensor:
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         size = (self.net.resolution, self.net.resolution)
         if images.shape[-2:] != size:
             images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)

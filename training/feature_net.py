@@ -31,6 +31,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -162,6 +163,17 @@ def load_feature_net(path: str | Path, device: str | torch.device = "cpu") -> Ph
     return net.to(device).eval()
 
 
+def write_folder_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """write(folder) fills a fresh folder beside `path`, which then replaces `path` in one rename, so an
+    interrupted run never leaves a half-written model for the next call to trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    write(staging)
+    if path.exists():
+        shutil.rmtree(path)
+    staging.rename(path)
+
+
 def ensure_feature_net(
     resolution: int = DEFAULT_RESOLUTION,
     root: str | Path = FEATURE_NET_ROOT,
@@ -171,19 +183,13 @@ def ensure_feature_net(
 ) -> Path:
     """The photos-net folder for `resolution` under `root`, trained first when missing (or when `force`).
 
-    The folder appears atomically (written beside it, then renamed), so an interrupted training leaves no
-    half-written net for the next call to trust. `train_kwargs` go to `train_feature_net`.
+    The folder appears atomically (`write_folder_atomically`). `train_kwargs` go to `train_feature_net`.
     """
     path = feature_net_path(resolution, root)
     if path.is_dir() and not force:
         return path
     net = train_feature_net(resolution, progress=progress, **train_kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    net.save_pretrained(staging)
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
+    write_folder_atomically(path, net.save_pretrained)
     if progress:
         report = net.report
         print(

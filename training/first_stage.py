@@ -20,8 +20,6 @@ deviation of the posterior means over the pool: the flow then sees zero-mean, un
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training.data import PhotosDataModule
-from training.feature_net import stack_crops
+from training.feature_net import stack_crops, write_folder_atomically
 from training.metrics import psnr
 
 FIRST_STAGE_ROOT = Path("runs/first_stage")
@@ -67,20 +65,18 @@ def ensure_autoencoder(
 ) -> Path:
     """The autoencoder folder for `resolution` under `root`, trained first when missing (or when `force`).
 
-    The folder appears atomically (written beside it, then renamed), so an interrupted training leaves no
-    half-written model. `train_kwargs` go to `train_autoencoder`.
+    The folder appears atomically (`write_folder_atomically`). `train_kwargs` go to `train_autoencoder`.
     """
     path = autoencoder_path(resolution, root)
     if path.is_dir() and not force:
         return path
     vae, report = train_autoencoder(resolution, progress=progress, **train_kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    vae.save_pretrained(staging)
-    (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
+
+    def write(folder: Path) -> None:
+        vae.save_pretrained(folder)
+        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    write_folder_atomically(path, write)
     if progress:
         print(
             f"trained {path} in {report['train_seconds']}s: held-out PSNR {report['val_psnr']:.2f} dB, "
