@@ -18,6 +18,8 @@ Deliberate choices (METHODS.md marks several details [unverified]; what is chose
   small), not in `parameters()` (no optimiser, no EMA), and deep copies (the training module's EMA) share
   it. It follows the tokenizer's device on first use. An exported model therefore records `vae_path` in
   config.json and needs that folder to load.
+- Learned registers and patch positions start at unit scale, not ViT's 0.02: at 0.02 they drown in the
+  patch embeddings, the registers stay near-identical and the codes carry colours but no layout.
 - Encoder mask [unverified mask mode]: an explicit boolean SDPA mask, patches <-> patches, registers ->
   all patches, register i -> registers <= i (the official "causal_last" prefix-LM packing); patches never
   read registers. Blocks are pre-norm, SDPA attention, timm's Mlp (GELU-tanh); head dim 64 in the d presets.
@@ -29,6 +31,10 @@ Deliberate choices (METHODS.md marks several details [unverified]; what is chose
   position embedding.
 - Decoder: rectified flow with x_t = (1 - t) * x0 + t * noise (t = 1 is pure noise) and velocity target
   v = noise - x0; timesteps logit-normal (sigmoid of N(timestep_mean, timestep_std)); loss = MSE on v.
+  `prediction`: "v" (the paper: the trunk outputs the velocity) or "x" (the trunk outputs a clean
+  estimate x0_hat and v = (x_t - x0_hat) / max(t, min_time); the loss stays the MSE on v. Li & He 2025,
+  "Back to Basics: Let Denoising Generative Models Denoise", show x-prediction is what lets small or
+  pixel-space flow transformers work; the CPU quickstart uses it).
   A DiT-style trunk over [noised patches + registers] with full attention and AdaLN-zero: a sinusoidal
   embedding of 1000 t -> MLP -> per-block shift/scale/gate (one modulation shared by patches and
   registers; the official code may modulate the two separately [unverified]), zero-initialised output.
@@ -81,6 +87,7 @@ FLEXTOK_SIZES = {
 }
 FIRST_STAGES = ("pixels", "vae")
 NESTED_DROPOUT_RULES = ("uniform", "pow2", "pow2_ceil")
+PREDICTIONS = ("v", "x")
 
 
 # ---- nested dropout ----------------------------------------------------------------------------------------
@@ -239,8 +246,12 @@ class FlexTokEncoder(nn.Module):
         super().__init__()
         self.patch_size, self.num_patches = patch_size, grid * grid
         self.patch_embed = nn.Linear(patch_size * patch_size * in_channels, width)
-        self.patch_pos = _embedding(self.num_patches, width)
-        self.registers = _embedding(num_registers, width)  # each register its own learned vector
+        # Unit scale, not ViT's usual 0.02: the patch embeddings have std ~0.3-0.6, and registers or positions
+        # 50x smaller than that are swamped by the first attention output. The registers then start (and
+        # stay) near-identical, all summarising the image's colours, and no layout reaches the codes (see
+        # test_flextok.py::test_encoder_registers_and_positions_start_at_unit_scale).
+        self.patch_pos = _embedding(self.num_patches, width, std=1.0)
+        self.registers = _embedding(num_registers, width, std=1.0)  # each register its own learned vector
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.to_code = nn.Linear(width, code_dim)
@@ -276,7 +287,7 @@ class FlexTokDecoder(nn.Module):
         self.patch_size, self.grid, self.num_patches = patch_size, grid, grid * grid
         self.num_registers, self.freq_dim = num_registers, freq_dim
         self.patch_embed = nn.Linear(patch_size * patch_size * in_channels, width)
-        self.patch_pos = _embedding(self.num_patches, width)
+        self.patch_pos = _embedding(self.num_patches, width, std=1.0)  # unit scale: see FlexTokEncoder
         self.from_code = nn.Linear(code_dim, width)
         self.mask_token = _embedding(width)
         self.register_pos = _embedding(num_registers, width)
@@ -346,6 +357,9 @@ class FlexTok(Tokenizer):
         register_dropout: float = 0.1,
         timestep_mean: float = 0.0,
         timestep_std: float = 1.0,
+        prediction: str = "v",
+        min_time: float = 0.05,
+        pure_noise_prob: float = 0.0,
         num_steps: int = 25,
         guidance_scale: float = 1.0,
         repa_weights: str | None = None,
@@ -362,6 +376,8 @@ class FlexTok(Tokenizer):
                 raise ValueError(f"FlexTok size={name!r}; expected one of {sorted(FLEXTOK_SIZES)}")
         if first_stage not in FIRST_STAGES:
             raise ValueError(f"FlexTok first_stage={first_stage!r}; expected one of {FIRST_STAGES}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"FlexTok prediction={prediction!r}; expected one of {PREDICTIONS}")
         if nested_dropout not in NESTED_DROPOUT_RULES:
             raise ValueError(
                 f"FlexTok nested_dropout={nested_dropout!r}; expected one of {NESTED_DROPOUT_RULES}"
@@ -396,6 +412,9 @@ class FlexTok(Tokenizer):
             register_dropout=register_dropout,
             timestep_mean=timestep_mean,
             timestep_std=timestep_std,
+            prediction=prediction,
+            min_time=min_time,
+            pure_noise_prob=pure_noise_prob,
             num_steps=num_steps,
             guidance_scale=guidance_scale,
             repa_weights=None if repa_weights is None else str(repa_weights),
@@ -481,14 +500,25 @@ class FlexTok(Tokenizer):
     def encode(self, images: torch.Tensor) -> Tokens:
         return Tokens("categorical", self.quantizer(self.encoder(self.to_latents(images))).codes)
 
+    def velocity(
+        self, x_t: torch.Tensor, registers: torch.Tensor, t: torch.Tensor, feature_layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder's output as a velocity: itself ("v" prediction) or, for "x" prediction (a clean
+        estimate x0_hat), v = (x_t - x0_hat) / max(t, min_time). -> (v (B, C, h, w), features or None)"""
+        out, features = self.decoder(x_t, registers, t, feature_layer)
+        if self.config["prediction"] == "v":
+            return out, features
+        t_ = t.clamp(min=self.config["min_time"]).view(-1, 1, 1, 1).to(out.dtype)
+        return (x_t - out) / t_, features
+
     def guided_velocity(
         self, x_t: torch.Tensor, t: torch.Tensor, registers: torch.Tensor, guidance_scale: float
     ) -> torch.Tensor:
         """v = v_null + s (v_cond - v_null); s = 1 runs the conditional pass only (exactly v_cond)."""
         if guidance_scale == 1.0:
-            return self.decoder(x_t, registers, t)[0]
+            return self.velocity(x_t, registers, t)[0]
         null = self.decoder.null_registers(x_t.shape[0]).to(registers.dtype)
-        both = self.decoder(torch.cat([x_t, x_t]), torch.cat([registers, null]), torch.cat([t, t]))[0]
+        both = self.velocity(torch.cat([x_t, x_t]), torch.cat([registers, null]), torch.cat([t, t]))[0]
         v_cond, v_null = both.float().chunk(2)
         return v_null + guidance_scale * (v_cond - v_null)
 
@@ -563,11 +593,12 @@ class FlexTok(Tokenizer):
         keep = keep.masked_fill(torch.rand(batch, device=device) < c["register_dropout"], 0)
         registers = self.decoder.embed_registers(latents, keep)  # (B, R, W)
         t = logit_normal_timesteps(batch, c["timestep_mean"], c["timestep_std"], device=device)  # (B,)
+        t = t.masked_fill(torch.rand(batch, device=device) < c["pure_noise_prob"], 1.0)  # the sampler's start
         noise = torch.randn_like(x0)
         t_ = t.view(batch, 1, 1, 1)
         x_t = (1 - t_) * x0 + t_ * noise
         feature_layer = c["repa_layer"] if self.repa_head is not None else None
-        v, features = self.decoder(x_t, registers, t, feature_layer)
+        v, features = self.velocity(x_t, registers, t, feature_layer)
         losses = {"flow": F.mse_loss(v.float(), noise - x0)}
         if self.repa_head is not None:
             losses["repa"] = c["repa_weight"] * self.repa_loss(features, images)
