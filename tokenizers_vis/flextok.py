@@ -34,7 +34,8 @@ Deliberate choices (METHODS.md marks several details [unverified]; what is chose
   `prediction`: "v" (the paper: the trunk outputs the velocity) or "x" (the trunk outputs a clean
   estimate x0_hat and v = (x_t - x0_hat) / max(t, min_time); the loss stays the MSE on v. Li & He 2025,
   "Back to Basics: Let Denoising Generative Models Denoise", show x-prediction is what lets small or
-  pixel-space flow transformers work; the CPU quickstart uses it).
+  pixel-space flow transformers work; the CPU quickstart uses it). `pure_noise_prob` sets that share of
+  the training timesteps to exactly t = 1, where the Euler sampler starts and logit-normal draws never go.
   A DiT-style trunk over [noised patches + registers] with full attention and AdaLN-zero: a sinusoidal
   embedding of 1000 t -> MLP -> per-block shift/scale/gate (one modulation shared by patches and
   registers; the official code may modulate the two separately [unverified]), zero-initialised output.
@@ -249,7 +250,7 @@ class FlexTokEncoder(nn.Module):
         # Unit scale, not ViT's usual 0.02: the patch embeddings have std ~0.3-0.6, and registers or positions
         # 50x smaller than that are swamped by the first attention output. The registers then start (and
         # stay) near-identical, all summarising the image's colours, and no layout reaches the codes (see
-        # test_flextok.py::test_encoder_registers_and_positions_start_at_unit_scale).
+        # test_flextok.py::test_registers_start_distinct_and_patches_know_their_position).
         self.patch_pos = _embedding(self.num_patches, width, std=1.0)
         self.registers = _embedding(num_registers, width, std=1.0)  # each register its own learned vector
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
