@@ -48,7 +48,7 @@ from torch import nn
 
 from sampling.common import filter_logits, guided_logits, sample_logits
 
-from .gpt import Block, KVCache, Rotary
+from .gpt import Block, KVCache, Rotary, run_blocks
 from .heads import DEFAULT_HEADS, Head, TokenEmbedding, register_head
 
 
@@ -130,13 +130,8 @@ class DimwiseHead(Head):
         return (self.channels,)
 
     def _trunk(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """x (M, t, d) at steps start .. start + t - 1 (start: cache length, 0 without cache) -> (M, t, d)."""
-        start = 0 if cache is None else cache.length
-        for layer, block in enumerate(self.blocks):
-            x = block(x, self.rope, start, None, cache, layer)
-        if cache is not None:
-            cache.length = start + x.shape[1]
-        return self.norm(x)
+        """x (M, t, d) at the next t steps (after the cache's, 0 without cache) -> (M, t, d)."""
+        return self.norm(run_blocks(self.blocks, self.rope, x, cache))
 
     def ordered_logits(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: hidden (M, D), targets (M, C) in natural order -> logits (M, C, V) in step order

@@ -27,12 +27,16 @@ Deliberate choices:
   kind. Tokens are (B, T) codes for categorical tokens and (B, T, token_dim) for vector tokens (bits,
   sub-codes, channel bins); every shape below writes (B, T) for either.
 
-KV cache (inference only, under torch.no_grad): `setup_cache` preallocates keys and values for every layer,
-`prefill(labels)` writes the class position, `decode(tokens (B, k))` appends k positions at the current
-length: causal attention among the k new positions, full attention to the cache, so a k-token step equals
-the same positions of the full forward pass (speculative verification, Jacobi windows). `truncate_cache(L)`
-rolls back to any shorter length (rejected drafts). All rows of a batch share one length: they advance and
-roll back together.
+KV cache (inference only, under torch.no_grad), one length per row: `setup_cache` preallocates keys and
+values for every layer, `prefill(labels)` writes the class position, `decode(tokens (B, k))` appends k
+positions at each row's own length: causal attention among the k new positions, full attention to the row's
+cached prefix, so a k-token step equals the same positions of the full forward pass (speculative
+verification, Jacobi windows). `truncate_cache(lengths)` rolls each row back to its own length (rejected
+drafts), `select_cache_rows(rows)` drops finished rows. While the host knows every row has the same length
+(after prefill and equal appends, or an int truncate) an append slices the cache and needs no mask; rows at
+different lengths write through per-row positions (RoPE per row, a scatter into the cache) and attend to the
+whole buffer through a per-row causal mask (`Step`), with no host synchronisation either way. Positions past
+the last token (windows a sampler pads beyond the end) are allowed up to the cache's max_len.
 
 Size presets (width / depth / heads): tiny 128/4/4 (CPUs and tests), B 768/12/12, L 1024/24/16,
 XL 1280/36/20, XXL 1536/48/24.
@@ -40,9 +44,10 @@ XL 1280/36/20, XXL 1536/48/24.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from tokenizers_vis.base import Exportable, register
@@ -68,10 +73,18 @@ class Rotary(nn.Module):
 
     1D (grid None): angle(p, j) = p * base^(-2j / Dh). 2D (grid (h, w)): position p >= 1 holds token p - 1 at
     row (p - 1) // w, column (p - 1) % w; pairs j < Dh/4 turn with the row, the others with the column, both
-    with frequencies base^(-2j / (Dh/2)). Position 0 (class) is unrotated in both cases.
+    with frequencies base^(-2j / (Dh/2)). Position 0 (class) is unrotated in both cases. Positions past the
+    table (padding a sampler feeds beyond the last token, whose outputs it ignores) reuse its last row.
     """
 
-    def __init__(self, head_dim: int, num_tokens: int, grid: tuple[int, int] | None, base: float):
+    def __init__(
+        self,
+        head_dim: int,
+        num_tokens: int,
+        grid: tuple[int, int] | None,
+        base: float,
+        first_position: int = 0,
+    ):
         super().__init__()
         if grid is None:
             freqs = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)  # (Dh/2,)
@@ -83,29 +96,100 @@ class Rotary(nn.Module):
             rows, cols = (index // grid[1]).float(), (index % grid[1]).float()  # (N,)
             angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)  # (N, Dh/2)
             angles = torch.cat([torch.zeros(1, half), angles])  # (N + 1, Dh/2), class position unrotated
+        angles = angles[first_position:]  # first_position 1: token i at table row i (the EAGLE drafter)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x (B, H, T, Dh) at positions start .. start + T - 1 -> rotated x, same shape and dtype."""
-        cos = self.cos[start : start + x.shape[2]]  # (T, Dh/2)
-        sin = self.sin[start : start + x.shape[2]]
-        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, Dh/2) each
-        rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, T, Dh/2, 2)
+    @property
+    def num_positions(self) -> int:
+        return self.cos.shape[0]
+
+    def tables(self, start: int | None, steps: int, index: torch.Tensor | None = None):
+        """The rotation of positions start .. start + steps - 1, or of per-row positions index (B, T),
+        shaped to broadcast against (B, T, 2, H, Dh/2) (query and key pairs of every head): eager, one
+        complex table (T or B x T, 1, 1, Dh/2); compiled, its (cos, sin) pair."""
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            tables = (self.cos.float(), self.sin.float())
+        else:  # the complex table, built once per device and dtype of the buffers
+            key = (self.cos.device, self.cos.dtype, self.cos.data_ptr())
+            if getattr(self, "_complex_key", None) != key:
+                self._complex, self._complex_key = torch.complex(self.cos.float(), self.sin.float()), key
+            tables = (self._complex,)
+        if index is None and start + steps <= self.num_positions:
+            picked = [t[start : start + steps, None, None] for t in tables]
+        elif index is None:  # padding past the table: its last row
+            index = torch.arange(start, start + steps, device=self.cos.device).clamp(
+                max=self.num_positions - 1
+            )
+            picked = [t[index, None, None] for t in tables]
+        else:
+            index = index.clamp(max=self.num_positions - 1)
+            picked = [t[index][:, :, None, None] for t in tables]
+        return tuple(picked) if compiling else picked[0]
+
+    @staticmethod
+    def rotate(x: torch.Tensor, rotation) -> torch.Tensor:
+        """x (B, T, 2, H, Dh) (queries and keys) -> each interleaved pair (x0, x1) turned by its angle, in
+        float32: one complex multiplication in eager mode, real arithmetic (one fused kernel) compiled."""
+        pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, 2, H, Dh/2, 2)
+        if isinstance(rotation, tuple):
+            cos, sin = rotation
+            x1, x2 = pairs.unbind(-1)
+            rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        else:
+            rotated = torch.view_as_real(torch.view_as_complex(pairs) * rotation)
         return rotated.flatten(-2).type_as(x)
 
 
-class KVCache:
-    """Static key/value cache of every layer: k, v (L, B, H, max_len, Dh) and one `length` for all rows.
+@dataclass
+class Step:
+    """Where the T new positions of one forward pass sit, computed once and shared by every layer.
 
-    Entries at and beyond `length` are stale and never read; `truncate` just moves `length` back.
+    start: every row writes positions start .. start + T - 1 (the fast path: the cache is sliced, no mask
+    for one query, a square causal kernel at start 0); None: each row r writes index[r] (B, T) and attends
+    to the whole cache buffer through `mask` (B, 1, T, S) (rows at different lengths; compiled decoding).
+    rotation: Rotary.tables of those positions.
     """
 
-    def __init__(self, depth, batch_size, heads, max_len, head_dim, device=None, dtype=None):
+    start: int | None
+    index: torch.Tensor | None
+    rotation: object
+    mask: torch.Tensor | None
+    is_causal: bool
+
+    @classmethod
+    def at(cls, start: int, steps: int, rope: Rotary, device) -> Step:
+        mask = None
+        if start > 0 and steps > 1:  # query i sees the cache and the new positions up to its own
+            mask = torch.ones(steps, start + steps, dtype=torch.bool, device=device).tril(diagonal=start)
+        return cls(start, None, rope.tables(start, steps), mask, is_causal=start == 0 and steps > 1)
+
+    @classmethod
+    def per_row(cls, lengths: torch.Tensor, steps: int, rope: Rotary, max_len: int) -> Step:
+        index = lengths[:, None] + torch.arange(steps, device=lengths.device)  # (B, T)
+        keys = torch.arange(max_len, device=lengths.device)
+        mask = (keys <= index[..., None]).unsqueeze(1)  # (B, 1, T, S): causal within the row's own prefix
+        return cls(None, index, rope.tables(None, steps, index), mask, is_causal=False)
+
+
+class KVCache:
+    """Static key/value cache of every layer: k, v (L, B, H, max_len, Dh) and one length per row.
+
+    lengths (B,) long, on the cache's device: row r holds positions 0 .. lengths[r] - 1; entries at and
+    beyond a row's length are stale and never read, so `truncate` only moves lengths back. `uniform` is the
+    common length when the host knows every row has it (after prefill, equal appends, an int truncate):
+    then appends take the sliced, unmasked fast path, and no host synchronisation is ever needed to know
+    it. `static` forces the per-row path with fixed shapes (compiled decoding, CUDA graphs).
+    """
+
+    def __init__(self, depth, batch_size, heads, max_len, head_dim, device=None, dtype=None, static=False):
         shape = (depth, batch_size, heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.uniform: int | None = 0
+        self.static = static
 
     @property
     def batch_size(self) -> int:
@@ -115,19 +199,51 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, H, T, Dh) at positions start .. start + T - 1 of `layer`; return that layer's keys
-        and values up to there: (B, H, start + T, Dh) each."""
-        end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def step(self, steps: int, rope: Rotary) -> Step:
+        """The positions of `steps` tokens appended at every row's length."""
+        if self.uniform is not None and not self.static:
+            if self.uniform + steps > self.max_len:
+                raise ValueError(
+                    f"KV cache holds {self.max_len} positions; cannot append {steps} at {self.uniform}"
+                )
+            return Step.at(self.uniform, steps, rope, self.k.device)
+        return Step.per_row(self.lengths, steps, rope, self.max_len)
 
-    def truncate(self, length: int) -> None:
-        """Roll back to `length` positions (any length between 0 and the current one)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a KV cache of length {self.length} to {length}")
-        self.length = length
+    def write(self, layer: int, step: Step, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, T, Dh) at the step's positions of `layer`; return the keys and values that
+        attention reads: (B, H, start + T, Dh) on the fast path, the whole buffer (B, H, S, Dh) otherwise."""
+        if step.start is not None:
+            end = step.start + k.shape[2]
+            self.k[layer, :, :, step.start : end] = k
+            self.v[layer, :, :, step.start : end] = v
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        index = step.index[:, None, :, None].expand_as(k)  # (B, H, T, Dh)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, steps: int) -> None:
+        self.lengths += steps
+        if self.uniform is not None:
+            self.uniform += steps
+
+    def truncate(self, lengths: int | torch.Tensor) -> None:
+        """Roll every row back to `lengths`: an int (all rows; checked against the known length) or a (B,)
+        tensor of per-row lengths, each at most that row's current length (not checked: it would cost a
+        host synchronisation)."""
+        if isinstance(lengths, torch.Tensor):
+            self.lengths.copy_(lengths)
+            self.uniform = None
+            return
+        if not 0 <= lengths <= (self.max_len if self.uniform is None else self.uniform):
+            raise ValueError(f"cannot truncate a KV cache of length {self.uniform} to {lengths}")
+        self.lengths.fill_(lengths)
+        self.uniform = lengths
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (long indices, in that order): finished rows stop costing compute."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.lengths = self.lengths[rows]
 
 
 class Attention(nn.Module):
@@ -139,15 +255,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width, bias=False)
 
-    def forward(self, x, rope: Rotary, start: int, mask, cache: KVCache | None, layer: int):
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
-        q, k = rope(q, start), rope(k, start)  # (B, H, T, Dh)
+    def forward(self, x, step: Step, cache: KVCache | None, layer: int):
+        batch, steps, width = x.shape
+        qkv = self.qkv(x).view(batch, steps, 3, self.heads, -1)  # (B, T, 3, H, Dh)
+        q, k = Rotary.rotate(qkv[:, :, :2], step.rotation).unbind(2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, T, Dh)
         if cache is not None:
-            k, v = cache.write(layer, start, k, v)  # (B, H, start + T, Dh)
-        # mask None: either one query (sees every key) or start = 0 (square causal, the fast kernel).
-        is_causal = mask is None and q.shape[2] > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, H, T, Dh)
-        return self.proj(rearrange(out, "b h t d -> b t (h d)"))
+            k, v = cache.write(layer, step, k, v)  # (B, H, S, Dh)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.is_causal)
+        return self.proj(out.transpose(1, 2).reshape(batch, steps, width))
 
 
 class SwiGLU(nn.Module):
@@ -169,13 +285,90 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(width, eps=1e-5)
         self.mlp = SwiGLU(width, _mlp_hidden(width))
 
-    def forward(self, x, rope, start, mask, cache, layer):
-        x = x + self.attn(self.attn_norm(x), rope, start, mask, cache, layer)  # (B, T, D)
+    def forward(self, x, step: Step, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.attn_norm(x), step, cache, layer)  # (B, T, D)
         return x + self.mlp(self.mlp_norm(x))
 
 
+def run_blocks(blocks, rope: Rotary, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    """x (B, T, D) -> (B, T, D) through every block: without a cache at positions 0 .. T-1 (causal), with
+    one appended at every row's cache length (which then advances by T)."""
+    step = Step.at(0, x.shape[1], rope, x.device) if cache is None else cache.step(x.shape[1], rope)
+    for layer, block in enumerate(blocks):
+        x = block(x, step, cache, layer)
+    if cache is not None:
+        cache.advance(x.shape[1])
+    return x
+
+
+class CachedBlocks:
+    """The KV-cache side of a stack of `Block`s, shared by the GPT and the EAGLE drafter (eagle.py).
+
+    The host class sets `blocks`, `heads`, `head_dim`, `rope`, `cache` (None) and `default_cache_len`.
+    """
+
+    blocks: nn.ModuleList
+    heads: int
+    head_dim: int
+    rope: Rotary
+    cache: KVCache | None
+    default_cache_len: int
+
+    def run_blocks(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return run_blocks(self.blocks, self.rope, x, cache)
+
+    def setup_cache(
+        self, batch_size: int, max_len: int | None = None, device=None, dtype=None, static: bool = False
+    ) -> KVCache:
+        """Preallocate the cache: max_len positions (default `default_cache_len`; samplers that feed windows
+        past the last token ask for more), on the model's device and dtype unless given. `static`: every
+        append takes the per-row path with fixed shapes (compiled decoding)."""
+        max_len = self.default_cache_len if max_len is None else max_len
+        if max_len < 1:
+            raise ValueError(f"KV cache max_len={max_len}; expected >= 1")
+        param = next(self.parameters())
+        self.cache = KVCache(
+            len(self.blocks),
+            batch_size,
+            self.heads,
+            max_len,
+            self.head_dim,
+            device=param.device if device is None else device,
+            dtype=param.dtype if dtype is None else dtype,
+            static=static,
+        )
+        return self.cache
+
+    def clear_cache(self) -> None:
+        self.cache = None
+
+    @property
+    def cache_length(self) -> int:
+        """The length every row of the cache has (0 without a cache); an error while rows differ."""
+        if self.cache is None:
+            return 0
+        if self.cache.uniform is None:
+            raise RuntimeError("the KV cache rows have different lengths: read cache.lengths")
+        return self.cache.uniform
+
+    def truncate_cache(self, lengths: int | torch.Tensor) -> None:
+        """Roll back to `lengths`: an int for every row, or a (B,) tensor of per-row lengths."""
+        self._cache_for(None).truncate(lengths)
+
+    def select_cache_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these rows of the cache (long indices): finished rows leave the batch."""
+        self._cache_for(None).select(rows)
+
+    def _cache_for(self, batch_size: int | None) -> KVCache:
+        if self.cache is None:
+            raise RuntimeError(f"{type(self).__name__} has no KV cache: call setup_cache(batch_size) first")
+        if batch_size is not None and batch_size != self.cache.batch_size:
+            raise ValueError(f"KV cache was set up for batch {self.cache.batch_size}, got {batch_size}")
+        return self.cache
+
+
 @register("gpt")
-class GPT(Exportable, nn.Module):
+class GPT(CachedBlocks, Exportable, nn.Module):
     def __init__(
         self,
         vocab_size: int,
@@ -263,7 +456,7 @@ class GPT(Exportable, nn.Module):
         if tokens.shape[1] > self.num_tokens:
             raise ValueError(f"GPT prefix of {tokens.shape[1]} tokens is longer than {self.num_tokens}")
         x = torch.cat([self.class_embed(labels)[:, None], self.embed(tokens)], dim=1)  # (B, 1 + T, D)
-        return self._backbone(x, start=0, cache=None)
+        return self._backbone(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Categorical heads only (the speculative samplers work on logits): (..., D) -> (..., V)."""
@@ -274,71 +467,24 @@ class GPT(Exportable, nn.Module):
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.head.loss(self(tokens, labels), tokens)
 
-    def _backbone(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
-        """x (B, T, D) at positions start .. start + T - 1 -> final-normed hidden states (B, T, D)."""
-        steps = x.shape[1]
-        mask = None
-        if start > 0 and steps > 1:  # query i sees the cache and the new positions up to its own
-            mask = torch.ones(steps, start + steps, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, self.rope, start, mask, cache, layer)
-        return self.norm(x)
-
-    # ---- KV cache (inference)
-
-    def setup_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
-        """Preallocate the cache: max_len positions (default N + 1: class + every token), on the model's
-        device and dtype unless given."""
-        max_len = self.num_tokens + 1 if max_len is None else max_len
-        if not 1 <= max_len <= self.num_tokens + 1:
-            raise ValueError(f"KV cache max_len={max_len}; expected 1 to {self.num_tokens + 1}")
-        param = self.class_embed.weight
-        self.cache = KVCache(
-            len(self.blocks),
-            batch_size,
-            self.heads,
-            max_len,
-            self.head_dim,
-            device=param.device if device is None else device,
-            dtype=param.dtype if dtype is None else dtype,
-        )
-        return self.cache
-
-    def clear_cache(self) -> None:
-        self.cache = None
+    def _backbone(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, D) -> final-normed hidden states (B, T, D) (see CachedBlocks.run_blocks)."""
+        return self.norm(self.run_blocks(x, cache))
 
     @property
-    def cache_length(self) -> int:
-        return 0 if self.cache is None else self.cache.length
-
-    def truncate_cache(self, length: int) -> None:
-        self._cache_for(None).truncate(length)
+    def default_cache_len(self) -> int:
+        return self.num_tokens + 1  # class + every token
 
     def prefill(self, labels: torch.Tensor) -> torch.Tensor:
         """Empty the cache and write the class position: labels (B,) -> hidden (B, 1, D), predicting tok0."""
         cache = self._cache_for(labels.shape[0])
         cache.truncate(0)
-        return self._append(self.class_embed(labels)[:, None], cache)
+        return self._backbone(self.class_embed(labels)[:, None], cache)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append tokens (B, k) at the cache length -> hidden (B, k, D); with t tokens already cached,
-        hidden[:, j] predicts image token t + j."""
+        """Append tokens (B, k) at each row's cache length -> hidden (B, k, D); with t tokens cached in a
+        row (its length t + 1), hidden[r, j] predicts its image token t + j."""
         cache = self._cache_for(tokens.shape[0])
-        if cache.length == 0:
+        if cache.uniform == 0:
             raise RuntimeError("GPT.decode before prefill: the class position is not in the cache")
-        return self._append(self.embed(tokens), cache)
-
-    def _append(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        start, steps = cache.length, x.shape[1]
-        if start + steps > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions; cannot append {steps} at {start}")
-        hidden = self._backbone(x, start, cache)  # (B, k, D)
-        cache.length = start + steps
-        return hidden
-
-    def _cache_for(self, batch_size: int | None) -> KVCache:
-        if self.cache is None:
-            raise RuntimeError("GPT has no KV cache: call setup_cache(batch_size) first")
-        if batch_size is not None and batch_size != self.cache.batch_size:
-            raise ValueError(f"GPT KV cache was set up for batch {self.cache.batch_size}, got {batch_size}")
-        return self.cache
+        return self._backbone(self.embed(tokens), cache)

@@ -54,6 +54,22 @@ class Head(nn.Module):
         """hidden (B, D) conditional and uncond (B, D) or None -> tokens long (B, *token_shape)."""
         raise NotImplementedError
 
+    def sample_stacked(
+        self,
+        hidden: torch.Tensor,
+        guided: bool,
+        cfg_scale: float = 1.0,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """`sample` on the backbone's batch as it comes out: hidden (2B, D) = [conditional; unconditional]
+        when guided, (B, D) otherwise. Heads whose guidance is one combination of logits override it to run
+        their projection once over both halves."""
+        cond, uncond = hidden.chunk(2) if guided else (hidden, None)
+        return self.sample(cond, uncond, cfg_scale, temperature, top_k, top_p, generator)
+
 
 class TokenEmbedding(nn.Module):
     """Tokens (B, T, *token_shape) -> input vectors (B, T, D)."""
@@ -79,9 +95,17 @@ class CategoricalHead(Head):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     def sample(self, hidden, uncond=None, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-        logits = self(hidden).float()  # (B, V)
-        if uncond is not None:
-            logits = guided_logits(logits, self(uncond).float(), cfg_scale)
+        stacked = hidden if uncond is None else torch.cat([hidden, uncond])
+        return self.sample_stacked(
+            stacked, uncond is not None, cfg_scale, temperature, top_k, top_p, generator
+        )
+
+    def sample_stacked(
+        self, hidden, guided, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=None
+    ):
+        logits = self(hidden).float()  # (B or 2B, V): one projection over both halves
+        if guided:
+            logits = guided_logits(*logits.chunk(2), cfg_scale)
         return sample_logits(filter_logits(logits, temperature, top_k, top_p), generator)  # (B,)
 
 

@@ -13,8 +13,9 @@ conditional sampling.
 The model protocol (generators.GPT; test stubs implement the same): `num_tokens`, `null_class`,
 `setup_cache(batch_size, max_len)`, `prefill(labels) -> (B, 1, D)`, `decode(tokens (B, k)) -> (B, k, D)`,
 `clear_cache()`, `forward_prefix(tokens (B, T), labels) -> (B, 1 + T, D)`, and `head` (generators/heads.py):
-`head.token_shape` and `head.sample(hidden, uncond, cfg_scale, temperature, top_k, top_p, generator)`, which
-draws one position's token for every kind of token (a categorical code, bits, sub-codes, channel bins).
+`head.token_shape` and `head.sample_stacked(hidden, guided, cfg_scale, temperature, top_k, top_p, generator)`,
+which draws one position's token for every kind of token (a categorical code, bits, sub-codes, channel bins)
+from the backbone's stacked [conditional; unconditional] hidden states.
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ def sample_ar(
             if not use_cache:
                 hidden = model.forward_prefix(doubled(tokens[:, :step]), rows)[:, -1]
                 passes += 1
-            cond, uncond = hidden.chunk(2) if guided else (hidden, None)  # (B, D) each
             scale = cfg_scale_at(step, num_tokens, cfg_scale, cfg_schedule)
-            tokens[:, step] = model.head.sample(cond, uncond, scale, temperature, top_k, top_p, generator)
+            tokens[:, step] = model.head.sample_stacked(
+                hidden, guided, scale, temperature, top_k, top_p, generator
+            )  # the head runs once over [conditional; unconditional]
             if use_cache and step + 1 < num_tokens:
                 hidden = model.decode(doubled(tokens[:, step : step + 1]))[:, -1]
                 passes += 1
@@ -85,6 +87,7 @@ def sample_ar(
         model.train(was_training)
     stats = {
         "forward_passes": passes,
+        "passes_per_row": passes,  # every row takes part in every pass
         "tokens_per_pass": num_tokens / passes,
         "wall_time": time.perf_counter() - start,
         "model_batch": rows.shape[0],  # rows per forward pass: 2B with guidance

@@ -58,7 +58,8 @@ def filter_logits(
         raise ValueError(f"temperature={temperature}; expected > 0")
     if top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"top_k={top_k}, top_p={top_p}; expected top_k >= 0 and 0 < top_p <= 1")
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         keep = torch.zeros_like(logits, dtype=torch.bool)
         keep.scatter_(-1, logits.topk(top_k, dim=-1).indices, True)

@@ -17,9 +17,9 @@ drafts] gives, at every window position, this iteration's distribution p_t; the 
            preserves (approximately) the mass of each group, not each token: it is approximate by design.
            group_size = 1 is SJD exactly (same draws, same tokens).
 
-The KV cache is rolled back to the committed prefix after every pass; the positions after a row's new token
-take this iteration's samples from p_t (the "Jacobi" update) with p_t as their draft distribution, and
-positions entering the window for the first time are initialised:
+The KV cache of every row is rolled back to its committed prefix after every pass; the positions after a
+row's new token take this iteration's samples from p_t (the "Jacobi" update) with p_t as their draft
+distribution, and positions entering the window for the first time are initialised:
 
     uniform     a uniform draw over the vocabulary, q = 1/V. Exact (a draft drawn from a known q).
     copy_left   the current token to the left (grid tokens: same row, previous column; in column 0 the token
@@ -28,18 +28,30 @@ positions entering the window for the first time are initialised:
                 METHODS.md's "a random init counts as one-hot" is exact only for deterministic drafts; a
                 uniform draw is scored with its true q = 1/V here.
 
+Draft reuse (`reuse_drafts=True`, SJD++'s idea without its fine-tuning): a draft x at an untested position
+(after the row's first rejection) is kept for the next pass when its probability did not fall, p_t(x) >=
+q(x), and replaced by this iteration's fresh sample from p_t otherwise. The kept-or-fresh draft y then
+follows the mixture
+
+    q'(y) = q(y) [p_t(y) >= q(y)] + R p_t(y),      R = sum_x q(x) [p_t(x) < q(x)]   (sum_y q'(y) = 1),
+
+(x ~ q given the prefix, independent of the fresh sample), and q' is what the next test divides by. So the
+output stays EXACT (the chi-square test in tests/test_jacobi.py shows it): reuse changes which drafts are
+proposed, never the law of a committed token. Confident drafts survive instead of being redrawn, which
+raises acceptance at long windows. It composes with both inits (a copy_left draft is one-hot: it survives
+only where p_t(x) = 1) and with GSD.
+
 Why SJD is exact: a draft at token i was drawn from q_i given tokens before i (or is a function of them);
 the tests of the tokens before i never read it (causal attention), so when its own test comes, given
 everything before, x_i ~ q_i and speculative sampling commits a token distributed as p(. | x_<i).
 Outputs after a rejected position are conditioned on stale drafts; they only become drafts, never commits.
 
-Batches share one cache length exactly as sampling/speculative.py describes: committed tokens per row in a
-(B, N) buffer, caches at the common prefix c = min n_r, a window of L + 1 columns from token c-1, rows ahead
-of the slowest by e_r have their e_r committed tokens forced and L - e_r drafts; draft slots are kept
-relative to c (slot s = token c + s) with their distributions (B, L, V).
+Batches: every row has its own KV-cache length (sampling/engine.py): each row verifies its full window of L
+drafts every pass (fewer near the end) and leaves the batch when done. Draft slots are kept relative to each
+row's count (slot s = token n_r + s) with their distributions (B, L, V); after a pass a row that committed
+f + 1 tokens shifts its slots by f + 1.
 
-Stats as sample_speculative (no draft model): forward_passes (the prefill included), tokens_per_pass,
-accepted_per_pass, acceptance_rate, max_lead, wall_time, model_batch.
+Stats: those of sampling/engine.py's `decode_stats` (no draft model).
 """
 
 from __future__ import annotations
@@ -50,38 +62,35 @@ import torch
 import torch.nn.functional as F
 
 from .common import SampleResult, cfg_scale_at
-from .speculative import _check_num_tokens, _Guided, _Rows, _stats, _verify
+from .engine import DecodeCounters, GuidedModel, Rows, check_num_tokens, decode_stats, verify
 
 JACOBI_INITS = ("uniform", "copy_left")
 
 
-def _left_index(index: int, grid) -> int:
-    """The token a copy_left draft copies for token `index` (>= 1): left neighbour, or above in column 0."""
-    if grid is not None and index % grid[1] == 0 and index >= grid[1]:
-        return index - grid[1]
-    return index - 1
+def copy_left_source(index: torch.Tensor, known: torch.Tensor, grid) -> torch.Tensor:
+    """The token a copy_left draft at token index (>= known) ends up copying: following the chain left (up
+    in column 0 of a grid) to the first index below `known` (every token before `known` is committed or
+    drafted). index (B, T) long, known (B, 1) -> (B, T).
+
+    1D, or a grid row already partly known: known - 1. A grid row entirely unknown: its chain runs up the
+    first column, to the column-0 token of the row holding known - 1.
+    """
+    last = known - 1
+    if grid is None:
+        return last.expand_as(index)
+    width = grid[1]
+    row_start = index - index % width
+    return torch.where(known > row_start, last, last - last % width)
 
 
-def _init_drafts(rows, c, tokens, q, start, init, grid, generator):
-    """Initialise draft slots start .. L-1 (tokens c + s) in place: tokens (B, L), q (B, L, V)."""
-    batch, slots, vocab = q.shape
-    if start >= slots:
-        return
-    if init == "uniform":
-        tokens[:, start:] = torch.randint(vocab, (batch, slots - start), device=q.device, generator=generator)
-        q[:, start:] = 1.0 / vocab
-        return
-    num_tokens = rows.tokens.shape[1]
-    for s in range(start, slots):
-        index = c + s
-        if index >= num_tokens:  # past the end: never fed, never tested
-            tokens[:, s], q[:, s] = 0, 1.0 / vocab
-            continue
-        left = _left_index(index, grid)
-        committed = left < rows.count
-        from_slot = tokens[:, max(left - c, 0)] if left >= c else rows.tokens[:, left]
-        tokens[:, s] = torch.where(committed, rows.tokens[:, left], from_slot)
-        q[:, s] = F.one_hot(tokens[:, s], vocab).float()
+def reused_drafts(p, q, drafts, fresh):
+    """SJD++ reuse (module docstring): p (B, L, V) this pass at the draft positions, q (B, L, V) and drafts
+    (B, L) the old drafts, fresh (B, L) samples from p -> the next drafts (B, L), their law q' (B, L, V)."""
+    keep_mass = p >= q  # (B, L, V): where the probability did not fall
+    kept = q * keep_mass
+    redraw = 1 - kept.sum(-1, keepdim=True)  # R
+    keep = keep_mass.gather(-1, drafts[..., None]).squeeze(-1)
+    return torch.where(keep, drafts, fresh), kept + redraw * p
 
 
 @torch.no_grad()
@@ -100,15 +109,17 @@ def sample_jacobi(
     grouped: bool = False,
     neighbours: torch.Tensor | None = None,
     group_size: int = 8,
+    reuse_drafts: bool = False,
 ) -> SampleResult:
     """labels (B,) -> SampleResult with tokens (B, num_tokens) by (grouped) speculative Jacobi decoding.
 
     window: L draft tokens verified per pass; init "uniform" or "copy_left" (first draft of a position);
     grouped: GSD's acceptance over the group of the draft and its group_size - 1 nearest codes (needs
-    `neighbours` (V, k >= group_size - 1) from `latent_neighbours`). The model runs in eval mode on its own
-    device (its mode is restored afterwards); `generator` must live on that device.
+    `neighbours` (V, k >= group_size - 1) from `latent_neighbours`); reuse_drafts: keep drafts whose
+    probability did not fall (exact, module docstring). The model runs in eval mode on its own device (its
+    mode is restored afterwards); `generator` must live on that device.
     """
-    num_tokens = _check_num_tokens(model, num_tokens)
+    num_tokens = check_num_tokens(model, num_tokens)
     cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule)
     if window < 1:
         raise ValueError(f"window={window}; expected >= 1 draft positions")
@@ -125,40 +136,74 @@ def sample_jacobi(
         groups = torch.cat([own, neighbours.to(device)[:, : group_size - 1]], dim=1)  # (V, G)
     grid = getattr(model, "config", {}).get("grid")
     labels = labels.to(device)
-    batch = labels.shape[0]
-    rows = _Rows(batch, num_tokens, device)
-    accepted = tested = 0
+    settings = dict(
+        num_tokens=num_tokens,
+        cfg_scale=cfg_scale,
+        cfg_schedule=cfg_schedule,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    )
+    slots = torch.arange(window, device=device)
+    rows = Rows(labels.shape[0], num_tokens, window + 1, device)
+    counters = DecodeCounters(device)
     start = time.perf_counter()
-    settings = (num_tokens, cfg_scale, cfg_schedule, temperature, top_k, top_p)
-    with _Guided(model, labels, *settings) as target:
-        first_probs = target.prefill()[:, 0]  # (B, V)
+    with GuidedModel(model, labels, **settings, max_len=num_tokens + window + 1) as target:
+        model_batch = target.labels.shape[0]
+        first_probs = target.prefill()[0][:, 0]  # (B, V)
         rows.start(torch.multinomial(first_probs, 1, generator=generator).squeeze(1))
         vocab = first_probs.shape[-1]
-        drafts = torch.zeros(batch, window, dtype=torch.long, device=device)  # slot s: token c + s
+        batch = labels.shape[0]
+        drafts = torch.zeros(batch, window, dtype=torch.long, device=device)  # slot s: token n + s
         q = torch.zeros(batch, window, vocab, device=device)
-        c = rows.common
-        _init_drafts(rows, c, drafts, q, 0, init, grid, generator)
-        while c < num_tokens:
-            w = min(window, num_tokens - 1 - c)
-            forced = rows.count - c
-            inputs = rows.window(c, drafts[:, :w])  # (B, w + 1): tokens c-1 .. c+w-1
-            p = target.decode(inputs)  # (B, w + 1, V): tokens c .. c+w
-            first, new, row_accepted, row_tested = _verify(
-                p, q[:, :w], inputs[:, 1:], forced, generator, None, groups
+
+        def initialise(reached: torch.Tensor, known: torch.Tensor) -> None:
+            """Slots at and after `reached` (B, 1) enter the window for the first time; tokens before
+            `known` (B, 1) are committed or drafted."""
+            nonlocal drafts, q
+            new = slots >= reached  # (B, L)
+            if init == "uniform":
+                drafts = torch.where(new, torch.randint_like(drafts, vocab, generator=generator), drafts)
+                q = q.masked_fill(new[..., None], 1.0 / vocab)
+                return
+            source = copy_left_source(rows.count[:, None] + slots, known, grid)  # (B, L)
+            from_slot = (source - rows.count[:, None]).clamp(0, window - 1)
+            values = torch.where(
+                source >= rows.count[:, None], drafts.gather(1, from_slot), rows.tokens.gather(1, source)
             )
-            fresh = torch.multinomial(p.flatten(0, 1), 1, generator=generator).view(batch, w + 1)
-            active = forced <= w
-            accepted += int(row_accepted[active].sum())
-            tested += int(row_tested[active].sum())
-            rows.commit(c, inputs, first, new)
-            shift = rows.common - c
-            target.truncate(rows.common)
-            # Next drafts, slot s = token c' + s: this pass's samples where the window reached (output
-            # column shift + s <= w; only read where the row has not committed that token), then new ones.
-            reached = max(0, min(window, w + 1 - shift))
-            drafts[:, :reached] = fresh[:, shift : shift + reached]
-            q[:, :reached] = p[:, shift : shift + reached]
-            c = rows.common
-            _init_drafts(rows, c, drafts, q, reached, init, grid, generator)
-        stats = _stats(target, rows, num_tokens, accepted, tested, start, device)
-    return SampleResult(tokens=rows.tokens, labels=labels, stats=stats)
+            drafts = torch.where(new, values, drafts)
+            q = torch.where(new[..., None], F.one_hot(values, vocab).float(), q)
+
+        initialise(torch.zeros(batch, 1, dtype=torch.long, device=device), rows.count[:, None])
+        rows.advance(target.passes)
+        while rows.running:
+            limit = (num_tokens - 1 - rows.count).clamp(max=window)
+            inputs = torch.cat([rows.last(), drafts], dim=1)  # (B, L + 1): tokens n-1 .. n+L-1
+            p, _ = target.decode(inputs, rows.count)  # (B, L + 1, V): tokens n .. n+L
+            first, new, tested = verify(p, q, drafts, limit, generator, None, groups)
+            fresh = torch.multinomial(p.flatten(0, 1), 1, generator=generator).view(p.shape[:2])  # (B, L+1)
+            next_q = p
+            if reuse_drafts:
+                kept, law = reused_drafts(p[:, :window], q, drafts, fresh[:, :window])
+                fresh = torch.cat([kept, fresh[:, window:]], dim=1)
+                next_q = torch.cat([law, p[:, window:]], dim=1)
+            known = rows.count[:, None] + window + 1  # tokens up to n + L are committed or drafted
+            rows.commit(inputs, first, new)
+            counters.add(first, tested)
+            # Next drafts, slot s = token n' + s: this pass's output column f + 1 + s while it is in the
+            # window (f + 1 + s <= L), then first-time slots.
+            column = first[:, None] + 1 + slots  # (B, L)
+            reached = window - first[:, None]  # slots s < reached come from this pass
+            column = column.clamp(max=window)
+            drafts = fresh.gather(1, column)
+            q = next_q.gather(1, column[..., None].expand(-1, -1, vocab))
+            keep = rows.advance(target.passes)  # the pass's one host synchronisation
+            if not rows.running:
+                break
+            if keep is not None:
+                drafts, q, reached, known = drafts[keep], q[keep], reached[keep], known[keep]
+                target.select(keep)
+            target.truncate(rows.lengths())
+            initialise(reached, known)
+        stats = decode_stats(target, rows, counters, start, model_batch)
+    return SampleResult(tokens=rows.tokens_out, labels=labels, stats=stats)

@@ -4,8 +4,9 @@
         tokenizer_path=runs/titok_quickstart/export out=runs/gpt_quickstart/samples/cfg2 \
         num_samples=510 sampler.cfg_scale=2.0
 
-Fast decoding picks another sampler (configs/sampler/): `sampler=speculative sampler.draft_path=<a smaller
-exported generator>` (and `sampler=lantern`), `sampler=sjd`, `sampler=gsd`; LANTERN's and GSD's latent
+Fast decoding picks another sampler (configs/sampler/): `sampler=speculative sampler.drafter_path=<a smaller
+exported generator>` or `sampler.drafter=eagle sampler.drafter_path=<an exported EAGLE drafter>` (and
+`sampler=lantern`), `sampler=sjd`, `sampler=gsd`; LANTERN's and GSD's latent
 neighbours are computed from the tokenizer once and cached beside its export. With a variable-length
 tokenizer (One-D-Piece, FlexTok), `num_tokens=k` generates k tokens and decodes that prefix.
 
@@ -70,19 +71,40 @@ SAMPLERS = {
 }
 
 
-def sampler_inputs(settings: dict, tokenizer_path, tokenizer, device) -> dict:
-    """The sampler's keyword arguments from its config: `draft_path` becomes `draft` (an exported generator),
-    `neighbours_k` / `neighbours_metric` become `neighbours` (latent neighbours of the tokenizer's codes,
-    cached beside its export); every other setting passes through."""
+DRAFTERS = {  # sampler.drafter -> the exported class it loads, and the experiment that trains one
+    "gpt": ("gpt", "python train.py +experiment=gpt_draft_quickstart"),
+    "eagle": ("eagle", "python train.py +experiment=eagle_quickstart"),
+}
+
+
+def load_drafter(kind: str, path, generator, device):
+    """sampler.drafter / sampler.drafter_path -> the drafter module (checked against the generator)."""
+    if kind not in DRAFTERS:
+        raise ValueError(f"sampler.drafter={kind!r}; expected one of {sorted(DRAFTERS)}")
+    registry_name, make = DRAFTERS[kind]
+    if not path or not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"sampler.drafter_path={path!r} is not an exported {kind} drafter folder (train one: {make})"
+        )
+    drafter = from_pretrained(path, device=device)
+    if drafter.registry_name != registry_name:
+        raise ValueError(
+            f"sampler.drafter_path={path} holds a {drafter.registry_name!r} model, not a {kind} drafter: "
+            f"set sampler.drafter={'gpt' if drafter.registry_name == 'gpt' else 'eagle'}"
+        )
+    if kind == "eagle":
+        drafter.bind(generator)  # its target config must be the generator's
+    return drafter
+
+
+def sampler_inputs(settings: dict, tokenizer_path, tokenizer, generator, device) -> dict:
+    """The sampler's keyword arguments from its config: `drafter` / `drafter_path` become `draft` (a GPT or
+    an EAGLE drafter), `neighbours_k` / `neighbours_metric` become `neighbours` (latent neighbours of the
+    tokenizer's codes, cached beside its export); every other setting passes through."""
     inputs = dict(settings)
-    if "draft_path" in inputs:
-        path = inputs.pop("draft_path")
-        if not path or not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(
-                f"sampler.draft_path={path!r} is not an exported generator folder "
-                "(train a draft first, e.g. python train.py +experiment=gpt_draft_quickstart)"
-            )
-        inputs["draft"] = from_pretrained(path, device=device)
+    if "drafter_path" in inputs:
+        kind, path = inputs.pop("drafter", "gpt"), inputs.pop("drafter_path")
+        inputs["draft"] = load_drafter(kind, path, generator, device)
     if "neighbours_k" in inputs:
         k, metric = inputs.pop("neighbours_k"), inputs.pop("neighbours_metric", "euclidean")
         inputs["neighbours"] = tokenizer_neighbours(tokenizer_path, k, metric, tokenizer=tokenizer).to(device)
@@ -110,7 +132,7 @@ def run(cfg: DictConfig) -> dict:
     if name not in SAMPLERS:
         raise ValueError(f"sampler.name={name!r}; choose one of {sorted(SAMPLERS)}")
     sampler = SAMPLERS[name]
-    inputs = sampler_inputs(settings, cfg.tokenizer_path, tokenizer, device)
+    inputs = sampler_inputs(settings, cfg.tokenizer_path, tokenizer, generator, device)
     num_tokens = cfg.num_tokens  # None: all N; k < N: a k-token prefix (variable-length tokenizers)
     most = generator.config["num_tokens"]
     if num_tokens is not None and not 1 <= num_tokens <= most:

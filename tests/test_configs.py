@@ -36,7 +36,11 @@ def posttrain_exports(tmp_path_factory):
         32, 8, "tiny", width=32, depth=1, heads=2, num_tokens=32, codebook_size=1024, code_dim=16
     ).save_pretrained(root / "tokenizer")
     GPT(1024, 32, 17, size="tiny", width=32, depth=1, heads=2).save_pretrained(root / "generator")
-    return [f"module.tokenizer_path={root / 'tokenizer'}", f"module.generator_path={root / 'generator'}"]
+    return [
+        f"module.tokenizer_path={root / 'tokenizer'}",
+        f"module.generator_path={root / 'generator'}",
+        f"module.target_path={root / 'generator'}",  # the EAGLE drafter's target
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +67,7 @@ def test_there_are_experiments():
         "gpt_b_titok_l32_imagenet",
         "gpt_l_titok_l32_imagenet",
         "gpt_draft_quickstart",
+        "eagle_quickstart",
     }
     stage2 |= {"gpt_fq_quickstart"}
     assert stage1 | stage2 <= set(EXPERIMENTS)
@@ -74,16 +79,19 @@ def test_experiment_composes_and_instantiates(name, vgg_file, vae_folder, fq_tea
     overrides = [f"+experiment={name}", f"paths.vgg_weights={vgg_file}", f"paths.flextok_vae={vae_folder}"]
     overrides.append(f"paths.fq_teacher={fq_teacher}")
     cfg = compose_config(overrides)
-    posttrain = "generator_path" in cfg.module  # loads two exports: tiny stand-ins, on the CPU
+    posttrain = "generator_path" in cfg.module or "target_path" in cfg.module  # loads exports: tiny stand-ins
     if posttrain:
-        cfg = compose_config(overrides + posttrain_exports)
+        keys = [k for k in ("tokenizer_path", "generator_path", "target_path") if k in cfg.module]
+        cfg = compose_config(overrides + [o for o in posttrain_exports if o.split("=")[0][7:] in keys])
     assert cfg.name == name, "an experiment's `name` must equal its file name (it names the run folder)"
     assert cfg.paths.run_dir == f"runs/{name}"
     if "codes_dir" not in cfg.data:  # stage 2 reads codes that a stage-1 run extracts (test_pipeline.py)
         assert instantiate(cfg.data).num_classes > 0
     with torch.device("cpu" if posttrain else "meta"):  # the published sizes, without allocating weights
         module = instantiate(cfg.module)
-    if "tokenizer" in cfg or posttrain:
+    if "target_path" in cfg.module:
+        assert module.drafter.config["target"]["width"] == module.target.config["width"]
+    elif "tokenizer" in cfg or posttrain:
         assert module.tokenizer.config["image_size"] == cfg.data.resolution
     else:
         assert module.generator.config["vocab_size"] == cfg.generator.vocab_size

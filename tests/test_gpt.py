@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from generators import GPT, GPT_SIZES, CategoricalHead, make_embedding, make_head
+from generators.gpt import Rotary
 from tokenizers_vis.base import from_pretrained
 
 V, N, C = 32, 16, 5
@@ -75,6 +76,55 @@ def test_truncate_then_decode_equals_fresh_decoding(grid):
         model.truncate_cache(model.cache_length + 1)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("grid", GRIDS.values(), ids=GRIDS.keys())
+@torch.no_grad()
+def test_ragged_rows_match_each_row_decoded_alone(grid, static):
+    """Rows at different cache lengths, each fed its own window, give the outputs of that row alone."""
+    model = tiny_gpt(grid)
+    tokens, labels = batch()  # labels include the null class (guidance's second half)
+    full = model.forward_prefix(tokens, labels)  # (B, 1 + N, D): position p predicts token p
+    model.setup_cache(3, max_len=N + 4, static=static)  # room for windows past the last token
+    model.prefill(labels)
+    model.decode(tokens[:, :6])
+    lengths = torch.tensor([4, 1, 6])  # rows roll back to different lengths (rejected drafts)
+    model.truncate_cache(lengths)
+    for width in (3, 1, 5):
+        window = torch.stack([tokens[r, lengths[r] - 1 : lengths[r] - 1 + width] for r in range(3)])
+        hidden = model.decode(window)  # row r at its positions lengths[r] .. lengths[r] + width - 1
+        for r in range(3):
+            expected = full[r, lengths[r] : lengths[r] + width]
+            assert torch.allclose(hidden[r], expected, atol=1e-5), (width, r)
+        assert torch.equal(model.cache.lengths, lengths + width)
+        lengths = lengths + torch.tensor([width - 1, width, 0])  # commit some of the window per row
+        model.truncate_cache(lengths)
+    # past the end: positions beyond the last token are padding (outputs ignored) and never fail
+    model.prefill(labels)
+    model.decode(tokens[:, : N - 1])
+    model.truncate_cache(torch.tensor([N - 1, N, N]))
+    window = torch.cat([tokens[:, N - 2 : N - 1], tokens[:, :3]], 1)  # the last token, then padding
+    window[1:, 0] = tokens[1:, N - 1]
+    hidden = model.decode(window)  # rows 1, 2 write up to position N + 3, past the table's N
+    assert torch.allclose(hidden[0, 0], full[0, N - 1], atol=1e-5)
+    assert torch.allclose(hidden[1:, 0], full[1:, N], atol=1e-5)
+
+
+@torch.no_grad()
+def test_selected_rows_keep_their_cache():
+    model = tiny_gpt()
+    tokens, labels = batch()
+    full = model.forward_prefix(tokens, labels)
+    model.setup_cache(3)
+    model.prefill(labels)
+    model.decode(tokens[:, :4])
+    model.truncate_cache(torch.tensor([5, 2, 3]))
+    model.select_cache_rows(torch.tensor([2, 0]))  # row 1 finished; the others keep their order
+    assert model.cache.batch_size == 2 and model.cache.lengths.tolist() == [3, 5]
+    hidden = model.decode(torch.stack([tokens[2, 2:4], tokens[0, 4:6]]))
+    assert torch.allclose(hidden[0], full[2, 3:5], atol=1e-5)
+    assert torch.allclose(hidden[1], full[0, 5:7], atol=1e-5)
+
+
 @torch.no_grad()
 def test_cache_misuse_is_an_error():
     model = tiny_gpt()
@@ -121,26 +171,31 @@ def test_rope_makes_outputs_depend_on_position(grid):
     assert not torch.allclose(model(tokens, labels)[:, -1], model(swapped, labels)[:, -1], atol=1e-3)
 
 
+def _rotate(rope, x, position):
+    """x (1, 1, 1, 1, Dh) (one row, step, vector, head) turned to `position`."""
+    return Rotary.rotate(x, rope.tables(position, 1))
+
+
 def _score(rope, q, k, p_q, p_k):
-    return (rope(q, p_q) * rope(k, p_k)).sum().item()
+    return (_rotate(rope, q, p_q) * _rotate(rope, k, p_k)).sum().item()
 
 
 def test_rope_1d_is_relative_and_class_position_is_unrotated():
     rope = tiny_gpt().rope
-    q, k = torch.randn(2, 1, 1, 1, 16).unbind(0)
-    assert torch.equal(rope(q, 0), q)
+    q, k = torch.randn(2, 1, 1, 1, 1, 16).unbind(0)
+    assert torch.equal(_rotate(rope, q, 0), q)
     assert _score(rope, q, k, 5, 2) == pytest.approx(_score(rope, q, k, 9, 6), abs=1e-5)
     assert _score(rope, q, k, 5, 2) != pytest.approx(_score(rope, q, k, 6, 2), abs=1e-3)
 
 
 def test_rope_2d_distinguishes_rows_from_columns():
     rope = tiny_gpt(grid=(4, 4)).rope  # position p holds token p - 1 at (row, col) = divmod(p - 1, 4)
-    q, k = torch.randn(2, 1, 1, 1, 16).unbind(0)
+    q, k = torch.randn(2, 1, 1, 1, 1, 16).unbind(0)
 
     def pos(row, col):
         return 1 + 4 * row + col
 
-    assert torch.equal(rope(q, 0), q)
+    assert torch.equal(_rotate(rope, q, 0), q)
     one_row_down = _score(rope, q, k, pos(1, 1), pos(0, 1))
     one_col_right = _score(rope, q, k, pos(1, 1), pos(1, 0))
     assert one_row_down != pytest.approx(one_col_right, abs=1e-3)

@@ -130,6 +130,45 @@ def test_generator_trains_exports_and_samples(pipeline):
         sample_run(compose_config([*sample_cfg_overrides(root, "bad"), "num_tokens=9"], config_name="sample"))
 
 
+def test_eagle_drafter_trains_on_the_generator_and_drafts_for_it(pipeline):
+    """eagle_quickstart on the codes, with the tiny GPT as target; then sample.py drafts with it (exact)."""
+    root, _ = pipeline
+    if not (root / "gpt" / "export").is_dir():
+        pytest.skip("needs test_generator_trains_exports_and_samples's GPT")
+    cfg = compose_config(
+        [
+            "+experiment=eagle_quickstart",
+            f"data.codes_dir={root / 'codes'}",
+            "data.batch_size=8",
+            f"module.target_path={root / 'gpt' / 'export'}",
+            "module.warmup_steps=2",
+            f"paths.run_dir={root / 'eagle'}",
+            *TINY_TRAINER,
+        ]
+    )
+    metrics = train.run(cfg)
+    assert metrics["steps"] == 4 and 0 < metrics["acceptance"] < 1
+    state = torch.load(root / "eagle" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(k.startswith("drafter.") for k in state)  # the frozen target stays out
+    drafter = from_pretrained(root / "eagle" / "export")
+    assert drafter.registry_name == "eagle"
+    overrides = [
+        *sample_cfg_overrides(root, "eagle_samples"),
+        "num_samples=6",
+        "batch_size=3",
+        "sampler=speculative",
+        "sampler.drafter=eagle",
+        f"sampler.drafter_path={root / 'eagle' / 'export'}",
+        "sampler.cfg_scale=2.0",
+    ]
+    summary = sample_run(compose_config(overrides, config_name="sample"))
+    assert summary["sampler_stats"]["draft_forward_passes"] > 0
+    assert len(list((root / "eagle_samples" / "images").glob("*.png"))) == 6
+    wrong = [o for o in overrides if not o.startswith("sampler.drafter=")] + ["sampler.drafter=gpt"]
+    with pytest.raises(ValueError, match="sampler.drafter=eagle"):
+        sample_run(compose_config(wrong, config_name="sample"))
+
+
 def sample_cfg_overrides(root, out: str) -> list[str]:
     return [
         f"generator_path={root / 'gpt' / 'export'}",

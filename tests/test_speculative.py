@@ -15,7 +15,7 @@ import torch
 from scipy.stats import chi2
 from torch import nn
 
-import sampling.speculative as speculative
+import sampling.engine as engine
 from generators import GPT
 from sampling import (
     filter_logits,
@@ -25,6 +25,7 @@ from sampling import (
     sample_speculative,
     tokenizer_neighbours,
 )
+from sampling.engine import Rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,31 +80,59 @@ def chi_square_pvalue(tokens, probabilities, vocab=V):
     return chi2.sf(statistic, int(cells.sum()) - 1)
 
 
-def record_truncations(model, log):
-    """After each truncate_cache, log (length before, length, keys and values up to the length)."""
-    truncate = model.truncate_cache
+def record_rollbacks(monkeypatch, models):
+    """Log, after every cache truncation of each model, its per-row lengths and keys/values, with the
+    running rows (output ids, committed tokens) that the sampler's last host synchronisation left."""
+    log = []
+    advance = Rows.advance
 
-    def recorded(length):
-        before = model.cache_length
-        truncate(length)
-        cache = model.cache
-        log.append((before, length, cache.k[:, :, :, :length].clone(), cache.v[:, :, :, :length].clone()))
+    def logged_advance(self, passes):
+        kept = advance(self, passes)
+        log.append(("rows", list(self.ids), self.tokens.clone()))
+        return kept
 
-    model.truncate_cache = recorded
+    monkeypatch.setattr(Rows, "advance", logged_advance)
+    for name, model in models.items():
+        truncate = model.truncate_cache
+
+        def logged_truncate(lengths, model=model, truncate=truncate, name=name):
+            truncate(lengths)
+            cache = model.cache
+            log.append((name, cache.lengths.clone(), cache.k.clone(), cache.v.clone()))
+
+        monkeypatch.setattr(model, "truncate_cache", logged_truncate)
+    return log
 
 
 @torch.no_grad()
-def assert_cache_equals_fresh_prefill(model, labels, tokens, log):
-    """Every logged cache equals a fresh prefill + decode of the committed prefix of that length."""
-    assert any(before > length for before, length, _, _ in log), "no rejected position was rolled back"
-    for _, length, k, v in log:
-        model.setup_cache(len(labels))
-        model.prefill(labels)
-        if length > 1:
-            model.decode(tokens[:, : length - 1])  # tokens 0 .. length-2 sit at positions 1 .. length-1
-        assert torch.allclose(model.cache.k[:, :, :, :length], k, atol=1e-5)
-        assert torch.allclose(model.cache.v[:, :, :, :length], v, atol=1e-5)
-    model.clear_cache()
+def assert_rollbacks_equal_fresh_prefills(log, models, labels, guided=False):
+    """Every logged row's cache, up to its own length, equals a fresh prefill + decode of that row's
+    committed tokens (rows at different lengths were rolled back to different points)."""
+    ids = tokens = None
+    checked, lengths_seen = 0, set()
+    for entry in log:
+        if entry[0] == "rows":
+            _, ids, tokens = entry
+            continue
+        name, lengths, k, v = entry
+        model = models[name]
+        halves = 2 if guided else 1
+        for half in range(halves):
+            for row, out in enumerate(ids):
+                index = half * len(ids) + row
+                length = int(lengths[index])
+                label = labels[out : out + 1] if half == 0 else torch.full((1,), model.null_class)
+                model.setup_cache(1)
+                model.prefill(label)
+                if length > 1:
+                    model.decode(tokens[row : row + 1, : length - 1])
+                assert torch.allclose(model.cache.k[:, 0, :, :length], k[:, index, :, :length], atol=1e-5)
+                assert torch.allclose(model.cache.v[:, 0, :, :length], v[:, index, :, :length], atol=1e-5)
+                checked += 1
+        lengths_seen.add(tuple(lengths.tolist()))
+    for model in models.values():
+        model.clear_cache()
+    assert checked and any(len(set(lengths)) > 1 for lengths in lengths_seen), "no ragged rollback was logged"
 
 
 @pytest.fixture(scope="module")
@@ -239,15 +268,35 @@ def test_speculative_sampling_matches_the_target_distribution(models, name):
     result = sample_speculative(target, draft, labels, gamma=3, generator=seeded(1), **settings)
     assert chi_square_pvalue(result.tokens, sequence_probabilities(target, 1, **settings)) > 1e-3
     stats = result.stats
-    assert 0 < stats["acceptance_rate"] < 1 and stats["max_lead"] > 0  # rows accepted different lengths
+    assert 0 < stats["acceptance_rate"] < 1
+    assert stats["row_passes_min"] < stats["row_passes_max"]  # rows accepted different lengths
     assert stats["model_batch"] == ROWS * (2 if "cfg_scale" in settings else 1)
-    assert stats["forward_passes"] >= 2 and stats["draft_forward_passes"] >= 1
-    assert stats["tokens_per_pass"] == N / stats["forward_passes"]
+    assert stats["forward_passes"] == stats["row_passes_max"] and stats["draft_forward_passes"] >= 1
+    assert stats["tokens_per_pass"] == N / stats["passes_per_row"]
+
+
+def test_ragged_batches_match_each_rows_distribution(models):
+    """A draft that agrees with the target on class 0 only: class-0 rows accept every draft and finish in
+    two passes while class-1 rows reject most, in the same batch; each class still follows its own target
+    distribution."""
+    target, _ = models
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        draft.class_embed.weight[1] += 2.0 * torch.randn(
+            draft.class_embed.weight.shape[1], generator=seeded(9)
+        )
+    labels = torch.tensor([0, 1]).repeat(ROWS)
+    result = sample_speculative(target, draft, labels, gamma=3, generator=seeded(2))
+    for label in (0, 1):
+        rows = result.tokens[labels == label]
+        assert chi_square_pvalue(rows, sequence_probabilities(target, label)) > 1e-3, label
+    assert result.stats["row_passes_min"] == 2 and result.stats["row_passes_max"] >= 4
+    assert result.stats["forward_passes"] == result.stats["row_passes_max"]
 
 
 def test_accepting_every_draft_fails_the_same_test(models, monkeypatch):
     target, draft = models
-    monkeypatch.setattr(speculative, "_acceptance_ratio", lambda p_x, q_x: torch.ones_like(p_x))
+    monkeypatch.setattr(engine, "acceptance_ratio", lambda p_x, q_x: torch.ones_like(p_x))
     result = sample_speculative(
         target, draft, torch.ones(ROWS, dtype=torch.long), gamma=3, generator=seeded(1)
     )
@@ -317,18 +366,15 @@ def test_lantern_with_delta_zero_is_exact_speculative(models):
     assert rates["all"] > 0.95  # delta = 1 moves every neighbour's mass: p~(x) = 1 (V = 4, k = 3)
 
 
-def test_cache_rollback_equals_a_fresh_prefill(models):
-    target, draft = models
-    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1] * 8)
-    logs = {"target": [], "draft": []}
-    record_truncations(target, logs["target"])
-    record_truncations(draft, logs["draft"])
-    try:
-        result = sample_speculative(target, draft, labels, gamma=3, generator=seeded(3))
-    finally:
-        del target.truncate_cache, draft.truncate_cache  # back to the class's methods
-    assert_cache_equals_fresh_prefill(target, labels, result.tokens, logs["target"])
-    assert_cache_equals_fresh_prefill(draft, labels, result.tokens, logs["draft"])
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_cache_rollback_equals_a_fresh_prefill(models, monkeypatch, cfg_scale):
+    target, draft = copy.deepcopy(models[0]), copy.deepcopy(models[1])
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1] * 4)
+    log = record_rollbacks(monkeypatch, {"target": target, "draft": draft})
+    sample_speculative(target, draft, labels, gamma=3, generator=seeded(3), cfg_scale=cfg_scale)
+    monkeypatch.undo()
+    guided = cfg_scale != 1.0
+    assert_rollbacks_equal_fresh_prefills(log, {"target": target, "draft": draft}, labels, guided)
 
 
 def test_rows_finish_with_exactly_the_requested_tokens():
@@ -339,7 +385,7 @@ def test_rows_finish_with_exactly_the_requested_tokens():
     labels = torch.arange(64) % C
     result = sample_speculative(target, draft, labels, num_tokens=10, gamma=3, generator=seeded(5))
     assert result.tokens.shape == (64, 10) and ((result.tokens >= 0) & (result.tokens < 8)).all()
-    assert result.stats["max_lead"] > 0  # rows were at different lengths during sampling
+    assert result.stats["row_passes_min"] < result.stats["row_passes_max"]  # rows advanced independently
     assert result.stats["forward_passes"] < 10  # fewer target passes than tokens
     assert target.training and not draft.training  # modes restored
     assert target.cache is None and draft.cache is None
@@ -398,7 +444,7 @@ def test_sample_script_runs_every_fast_sampler(tiny_exports, tmp_path, sampler):
         "sampler.cfg_scale=2.0",
     ]
     if sampler in ("speculative", "lantern"):
-        overrides.append(f"sampler.draft_path={tiny_exports / 'draft'}")
+        overrides.append(f"sampler.drafter_path={tiny_exports / 'draft'}")
     if sampler in ("sjd", "gsd"):
         overrides.append("sampler.window=2")
     summary = run(compose_config(overrides, config_name="sample"))
@@ -423,5 +469,5 @@ def test_sample_script_names_a_missing_draft(tiny_exports, tmp_path):
         f"out={tmp_path / 'samples'}",
         "sampler=speculative",
     ]
-    with pytest.raises(FileNotFoundError, match="sampler.draft_path"):
+    with pytest.raises(FileNotFoundError, match="sampler.drafter_path"):
         run(compose_config(overrides, config_name="sample"))

@@ -1,0 +1,276 @@
+"""The decoding engine that speculative decoding (speculative.py) and Jacobi decoding (jacobi.py) share.
+
+    GuidedModel   a GPT behind classifier-free guidance, temperature and filtering: tokens in, next-token
+                  probabilities (float32) and hidden states out, on its own per-row KV cache, counting passes
+    Rows          the committed tokens of the rows still running, and the pass's one host synchronisation,
+                  after which finished rows leave the batch
+    verify        the speculative test of every row's drafts, in order, against the target (exact, LANTERN's
+                  relaxed target or GSD's groups), and the row's new token
+
+Rows advance independently. Row r has committed n_r tokens; its target cache holds the class and tokens
+0 .. n_r - 2 (length n_r), and every pass feeds it a window of W + 1 tokens at its own positions:
+
+    column      0           1 .. W
+    input       tok n_r-1   drafts of tokens n_r .. n_r+W-1
+    output      p(tok n_r)  ... p(tok n_r+W)            (column o predicts token n_r + o)
+
+The row tests its first `limit_r` = min(W, N - 1 - n_r) drafts (a row near the end tests fewer; its
+window is padded, and the padding's outputs are ignored), commits the accepted ones plus one new token
+(the residual at the first rejection, or the bonus token from p after the last tested draft) and moves on:
+n_r' = n_r + f_r + 1 with f_r accepted drafts. Its cache is rolled back to n_r' (`truncate` with per-row
+lengths). Every row gets its full window every pass, however far it is ahead of the others; a row that
+reaches N leaves the batch (`Rows.advance` compacts every per-row tensor and the caches), so finished rows
+stop costing compute and the batch's last passes run only the rows still going.
+
+The one host synchronisation per pass is `Rows.advance` reading the counts n_r (a (B,) tensor): it tells
+which rows finished, and whether every running row has the same count, in which case the caches are
+truncated with a plain int and the next appends take the sliced, unmasked fast path (a single image, or the
+two halves of a guided one, is always on it). Everything else (tests, commits, sums of accepted drafts)
+stays on the device.
+
+Stats of every sampler built on it (`decode_stats`): forward_passes (target calls of the batch, the prefill
+included, as sample_ar counts them), passes_per_row (the target passes each image took part in: what it
+cost; rows that finish early leave), tokens_per_pass (N / passes_per_row), accepted_per_pass (accepted
+drafts per row and pass), acceptance_rate (accepted / tested drafts), row_passes_min / row_passes_max,
+wall_time, model_batch (rows of the first pass: 2B with guidance).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .common import cfg_scale_at, filter_logits, guided_logits
+
+
+class GuidedModel:
+    """A GPT behind guidance, temperature and filtering, with its own per-row KV cache (a context manager:
+    eval mode and a cache inside, the previous mode and no cache after).
+
+    With guidance (cfg_scale != 1) the model runs the stacked batch [conditional; null class] (2B rows) and
+    `probs` combines the halves as uncond + s * (cond - uncond), s = cfg_scale_at(token index); hidden states
+    stay stacked (the EAGLE drafter reads both halves).
+    """
+
+    def __init__(
+        self,
+        model,
+        labels: torch.Tensor,
+        num_tokens: int,
+        cfg_scale: float = 1.0,
+        cfg_schedule: str = "constant",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        max_len: int | None = None,
+    ):
+        self.model, self.num_tokens, self.max_len = model, num_tokens, max_len
+        self.cfg_scale, self.cfg_schedule = cfg_scale, cfg_schedule
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.guided = cfg_scale != 1.0
+        self.batch = labels.shape[0]
+        self.labels = self.stack(labels, torch.full_like(labels, model.null_class))  # (B or 2B,)
+        self.passes = 0
+        self.was_training = model.training
+
+    def __enter__(self) -> GuidedModel:
+        self.model.eval()
+        self.model.setup_cache(self.labels.shape[0], max_len=self.max_len)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.clear_cache()
+        self.model.train(self.was_training)
+
+    def stack(self, x: torch.Tensor, second: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, ...) -> the model's rows: [x; second or x] (2B, ...) with guidance, x without."""
+        if not self.guided:
+            return x
+        return torch.cat([x, x if second is None else second])
+
+    def stacked_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Indices of `rows` (of the B logical rows) among the model's rows."""
+        return torch.cat([rows, rows + self.batch]) if self.guided else rows
+
+    def prefill(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> probabilities (B, 1, V) of token 0 and hidden states (B or 2B, 1, D)."""
+        self.passes += 1
+        hidden = self.model.prefill(self.labels)
+        return self.probs(hidden, 0), hidden
+
+    def decode(self, tokens: torch.Tensor, first_index: int | torch.Tensor):
+        """Append tokens (B, T) at every row's cache length; first_index (int or (B,)): the token index the
+        first output predicts -> probabilities (B, T, V) and hidden states (B or 2B, T, D)."""
+        self.passes += 1
+        hidden = self.model.decode(self.stack(tokens))
+        return self.probs(hidden, first_index), hidden
+
+    def probs(self, hidden: torch.Tensor, first_index: int | torch.Tensor) -> torch.Tensor:
+        """Stacked hidden states (B or 2B, T, D) of tokens first_index .. first_index + T - 1 -> guided,
+        filtered next-token probabilities (B, T, V), float32."""
+        logits = self.model.logits(hidden).float()  # (B or 2B, T, V): one projection over both halves
+        if self.guided:
+            scale = self.cfg_scale
+            if self.cfg_schedule != "constant":
+                steps = torch.arange(logits.shape[1], device=logits.device)
+                index = first_index + steps if isinstance(first_index, int) else first_index[:, None] + steps
+                scale = cfg_scale_at(index, self.num_tokens, self.cfg_scale, self.cfg_schedule)[..., None]
+            logits = guided_logits(*logits.chunk(2), scale)
+        return filter_logits(logits, self.temperature, self.top_k, self.top_p).softmax(dim=-1)
+
+    def truncate(self, lengths: int | torch.Tensor) -> None:
+        """Roll every row back: an int (all rows) or (B,) per-row lengths."""
+        self.model.truncate_cache(lengths if isinstance(lengths, int) else self.stack(lengths))
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these logical rows (their conditional and unconditional halves)."""
+        self.model.select_cache_rows(self.stacked_rows(rows))
+        self.labels = self.labels[self.stacked_rows(rows)]
+        self.batch = rows.shape[0]
+
+
+class Rows:
+    """Committed tokens of the rows still running, in a (B, N + pad) buffer (row r: tokens 0 .. n_r - 1, then
+    scratch that commits overwrite), their counts n (B,), and the finished images in `tokens_out` (B0, N)."""
+
+    def __init__(self, batch: int, num_tokens: int, pad: int, device):
+        self.num_tokens = num_tokens
+        self.tokens = torch.zeros(batch, num_tokens + pad, dtype=torch.long, device=device)
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)
+        self.tokens_out = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
+        self.ids = list(range(batch))  # the output row of each running row
+        self.row_passes = [0] * batch  # target passes each output row took part in
+        self.uniform: int | None = 0  # the common count of the running rows, when they all have it
+
+    @property
+    def running(self) -> int:
+        return len(self.ids)
+
+    def start(self, first: torch.Tensor) -> None:
+        """Token 0 of every row (from the target's prefill)."""
+        self.tokens[:, 0] = first
+        self.count.fill_(1)
+        self.uniform = 1
+
+    def at(self, offsets: torch.Tensor) -> torch.Tensor:
+        """Tokens n_r + offsets (T,) of every row -> (B, T) (committed where < n_r, scratch beyond)."""
+        return self.tokens.gather(1, self.count[:, None] + offsets)
+
+    def last(self) -> torch.Tensor:
+        """The last committed token of every row: (B, 1)."""
+        return self.tokens.gather(1, self.count[:, None] - 1)
+
+    def lengths(self, offset: int = 0) -> int | torch.Tensor:
+        """n_r + offset for every row: an int while all rows agree (the caches' fast path), else (B,)."""
+        return self.uniform + offset if self.uniform is not None else self.count + offset
+
+    def commit(self, window: torch.Tensor, first: torch.Tensor, new: torch.Tensor) -> None:
+        """Row r keeps the drafts window[r, 1 : 1 + f_r] and `new` after them: tokens n_r .. n_r + f_r."""
+        width = window.shape[1] - 1
+        values = torch.cat([window[:, 1:], new[:, None]], dim=1)  # (B, W + 1): beyond f_r, scratch
+        values.scatter_(1, first[:, None], new[:, None])
+        positions = self.count[:, None] + torch.arange(width + 1, device=window.device)
+        self.tokens.scatter_(1, positions, values)
+        self.count += first + 1
+
+    def advance(self, passes: int) -> torch.Tensor | None:
+        """The pass's one host synchronisation: read the counts; rows that reached N are written out and
+        leave. `passes`: target passes so far. Returns the running rows' indices (into the batch before)
+        when some finished (every per-row tensor of the caller must be indexed with them), else None."""
+        counts = self.count.tolist()
+        done = [i for i, n in enumerate(counts) if n >= self.num_tokens]
+        kept = None
+        if done:
+            done_rows = torch.tensor(done, device=self.count.device)
+            out_rows = torch.tensor([self.ids[i] for i in done], device=self.count.device)
+            self.tokens_out[out_rows] = self.tokens[done_rows, : self.num_tokens]
+            for i in done:
+                self.row_passes[self.ids[i]] = passes
+            keep = [i for i, n in enumerate(counts) if n < self.num_tokens]
+            kept = torch.tensor(keep, dtype=torch.long, device=self.count.device)
+            self.tokens, self.count = self.tokens[kept], self.count[kept]
+            self.ids = [self.ids[i] for i in keep]
+            counts = [counts[i] for i in keep]
+        self.uniform = counts[0] if counts and min(counts) == max(counts) else None
+        return kept
+
+
+def acceptance_ratio(p_x: torch.Tensor, q_x: torch.Tensor) -> torch.Tensor:
+    """Accept when u < p(x) / q(x), u ~ U[0, 1): probability min(1, p(x) / q(x))."""
+    return p_x / q_x
+
+
+def verify(p, q, drafts, limit, generator, relax=None, groups=None):
+    """Test every row's drafts in order and draw its new token.
+
+    p (B, W+1, V): target probabilities of tokens n .. n+W; drafts (B, W) and q (B, W, V): the draft of
+    each token n + o and the distribution it was drawn from; limit (B,): drafts row r may test (<= W).
+    relax(p, x) -> the target to test x against (LANTERN); groups (V, G): test sum_G p / sum_G q over the
+    draft's group (GSD). Returns first (B,) f_r (accepted drafts = the column of the new token), new (B,),
+    tested (B,) (drafts tested: f_r, plus the rejected one).
+
+    Exact rule (Leviathan et al.): accept x with probability min(1, p(x) / q(x)); at the first rejection
+    draw from normalise(max(0, p - q)); after `limit` accepted drafts, one bonus token from p.
+    """
+    batch, width = drafts.shape
+    rows = torch.arange(batch, device=p.device)
+    target = p[:, :width] if relax is None else relax(p[:, :width], drafts)  # (B, W, V)
+    if groups is None:
+        p_x = target.gather(-1, drafts[..., None]).squeeze(-1)  # (B, W)
+        q_x = q.gather(-1, drafts[..., None]).squeeze(-1)
+    else:
+        members = groups[drafts]  # (B, W, G)
+        p_x, q_x = target.gather(-1, members).sum(-1), q.gather(-1, members).sum(-1)
+    ratio = acceptance_ratio(p_x, q_x.clamp_min(1e-30))  # a drawn draft has q(x) > 0
+    u = torch.rand(batch, width, device=p.device, generator=generator)
+    accept = (u < ratio) & (torch.arange(width, device=p.device) < limit[:, None])
+    first = accept.long().cumprod(dim=1).sum(dim=1)  # (B,) in [0, limit]
+    rejected = first < limit
+    bonus = p[rows, first]  # (B, V): p after the last accepted draft
+    at = first.clamp(max=width - 1)
+    residual = (target[rows, at] - q[rows, at]).clamp_min(0)  # multinomial normalises
+    usable = residual.sum(-1, keepdim=True) > 1e-12  # p == q up to float rounding: p itself
+    final = torch.where(rejected[:, None] & usable, residual, bonus)
+    new = torch.multinomial(final, 1, generator=generator).squeeze(1)
+    return first, new, first + rejected.long()
+
+
+class DecodeCounters:
+    """Accepted and tested drafts summed on the device (read once, at the end)."""
+
+    def __init__(self, device):
+        self.accepted = torch.zeros((), dtype=torch.long, device=device)
+        self.tested = torch.zeros((), dtype=torch.long, device=device)
+
+    def add(self, first: torch.Tensor, tested: torch.Tensor) -> None:
+        self.accepted += first.sum()
+        self.tested += tested.sum()
+
+
+def decode_stats(target: GuidedModel, rows: Rows, counters: DecodeCounters, start: float, model_batch: int):
+    """The stats every draft-and-verify sampler returns (module docstring)."""
+    device = rows.count.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    accepted, tested = int(counters.accepted), int(counters.tested)
+    row_passes = rows.row_passes
+    per_row = sum(row_passes) / len(row_passes)
+    return {
+        "forward_passes": target.passes,
+        "passes_per_row": per_row,
+        "tokens_per_pass": rows.num_tokens / per_row,
+        "accepted_per_pass": accepted / sum(row_passes),
+        "acceptance_rate": accepted / tested if tested else 0.0,
+        "row_passes_min": min(row_passes),
+        "row_passes_max": max(row_passes),
+        "wall_time": time.perf_counter() - start,
+        "model_batch": model_batch,
+    }
+
+
+def check_num_tokens(model, num_tokens: int | None) -> int:
+    num_tokens = model.num_tokens if num_tokens is None else num_tokens
+    if not 1 <= num_tokens <= model.num_tokens:
+        raise ValueError(f"num_tokens={num_tokens}; the model generates 1 to {model.num_tokens}")
+    return num_tokens
