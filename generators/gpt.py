@@ -188,8 +188,8 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.uniform: int | None = 0
         self.static = static
+        self.uniform: int | None = None if static else 0  # static: no host-side length to guard on
 
     @property
     def batch_size(self) -> int:
@@ -238,7 +238,7 @@ class KVCache:
         if not 0 <= lengths <= (self.max_len if self.uniform is None else self.uniform):
             raise ValueError(f"cannot truncate a KV cache of length {self.uniform} to {lengths}")
         self.lengths.fill_(lengths)
-        self.uniform = lengths
+        self.uniform = None if self.static else lengths
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (long indices, in that order): finished rows stop costing compute."""

@@ -10,6 +10,7 @@ from .common import (
     filter_logits,
     guided_logits,
     sample_logits,
+    sample_probs,
 )
 from .jacobi import JACOBI_INITS, sample_jacobi
 from .speculative import (
@@ -37,6 +38,7 @@ __all__ = [
     "sample_ar",
     "sample_jacobi",
     "sample_logits",
+    "sample_probs",
     "sample_speculative",
     "tokenizer_neighbours",
 ]

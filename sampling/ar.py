@@ -2,9 +2,10 @@
 
 Per step: logits of the next position; with guidance (cfg_scale != 1) a doubled batch [conditional; null
 class] goes through the model as one call and the two halves combine as uncond + s * (cond - uncond); then
-temperature, top-k, top-p and one multinomial draw (sampling/common.py).
+temperature, top-k, top-p and one draw (sampling/common.py's `sample_probs`).
 
-`use_cache=True` prefills the class position and decodes one token per step against the KV cache;
+`use_cache=True` prefills the class position and decodes one token per step against the KV cache
+(`compile=True`: the decode step through torch.compile, on a static cache);
 `use_cache=False` recomputes the whole prefix with the full forward pass every step (the baseline of
 scripts/bench_sampling.py). Both issue the same random draws in the same order, so under the same seeded
 generator they give the same tokens. Guidance scale 1 skips the doubled batch entirely, so it is exactly
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-from .common import SampleResult, cfg_scale_at
+from .common import SampleResult, cfg_scale_at, compile_step
 
 
 @torch.no_grad()
@@ -39,12 +40,16 @@ def sample_ar(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> SampleResult:
     """labels (B,) -> SampleResult with tokens (B, num_tokens, *token_shape); num_tokens defaults to N.
 
-    The model runs in eval mode on its own device (its previous mode is restored afterwards); `generator`
-    must live on that device.
+    compile: run the cached decode step through torch.compile (`compile_step`: a static cache with fixed
+    shapes; CUDA graphs on GPUs). The model runs in eval mode on its own device (its previous mode is
+    restored afterwards); `generator` must live on that device.
     """
+    if compile and not use_cache:
+        raise ValueError("compile=True compiles the cached decode step: it needs use_cache=True")
     num_tokens = model.num_tokens if num_tokens is None else num_tokens
     if not 1 <= num_tokens <= model.num_tokens:
         raise ValueError(f"num_tokens={num_tokens}; the model generates 1 to {model.num_tokens}")
@@ -65,9 +70,11 @@ def sample_ar(
     start = time.perf_counter()
     try:
         if use_cache:
-            model.setup_cache(rows.shape[0], max_len=num_tokens)  # class + tok0 .. tok(N-2)
+            static = {"static": True} if compile else {}  # fixed shapes for the compiled step
+            model.setup_cache(rows.shape[0], max_len=num_tokens, **static)  # class + tok0 .. tok(N-2)
             hidden = model.prefill(rows)[:, -1]  # (B or 2B, D)
             passes += 1
+            decode = compile_step(model.decode, device) if compile else model.decode
         for step in range(num_tokens):
             if not use_cache:
                 hidden = model.forward_prefix(doubled(tokens[:, :step]), rows)[:, -1]
@@ -77,7 +84,7 @@ def sample_ar(
                 hidden, guided, scale, temperature, top_k, top_p, generator
             )  # the head runs once over [conditional; unconditional]
             if use_cache and step + 1 < num_tokens:
-                hidden = model.decode(doubled(tokens[:, step : step + 1]))[:, -1]
+                hidden = decode(doubled(tokens[:, step : step + 1]))[:, -1]
                 passes += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)

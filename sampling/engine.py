@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from .common import cfg_scale_at, filter_logits, guided_logits
+from .common import cfg_scale_at, compile_step, filter_logits, guided_logits, sample_probs
 
 
 class GuidedModel:
@@ -50,7 +50,8 @@ class GuidedModel:
 
     With guidance (cfg_scale != 1) the model runs the stacked batch [conditional; null class] (2B rows) and
     `probs` combines the halves as uncond + s * (cond - uncond), s = cfg_scale_at(token index); hidden states
-    stay stacked (the EAGLE drafter reads both halves).
+    stay stacked (the EAGLE drafter reads both halves). compile: a static cache and the decode step (model,
+    head, guidance, filtering) through torch.compile (sampling/common.py's `compile_step`).
     """
 
     def __init__(
@@ -64,8 +65,9 @@ class GuidedModel:
         top_k: int = 0,
         top_p: float = 1.0,
         max_len: int | None = None,
+        compile: bool = False,
     ):
-        self.model, self.num_tokens, self.max_len = model, num_tokens, max_len
+        self.model, self.num_tokens, self.max_len, self.compile = model, num_tokens, max_len, compile
         self.cfg_scale, self.cfg_schedule = cfg_scale, cfg_schedule
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.guided = cfg_scale != 1.0
@@ -76,7 +78,9 @@ class GuidedModel:
 
     def __enter__(self) -> GuidedModel:
         self.model.eval()
-        self.model.setup_cache(self.labels.shape[0], max_len=self.max_len)
+        self.model.setup_cache(self.labels.shape[0], max_len=self.max_len, static=self.compile)
+        device = self.labels.device
+        self._decode = compile_step(self._decode_step, device) if self.compile else self._decode_step
         return self
 
     def __exit__(self, *exc) -> None:
@@ -99,10 +103,13 @@ class GuidedModel:
         hidden = self.model.prefill(self.labels)
         return self.probs(hidden, 0), hidden
 
-    def decode(self, tokens: torch.Tensor, first_index: int | torch.Tensor):
-        """Append tokens (B, T) at every row's cache length; first_index (int or (B,)): the token index the
-        first output predicts -> probabilities (B, T, V) and hidden states (B or 2B, T, D)."""
+    def decode(self, tokens: torch.Tensor, first_index: torch.Tensor):
+        """Append tokens (B, T) at every row's cache length; first_index (B,): the token index the first
+        output predicts -> probabilities (B, T, V) and hidden states (B or 2B, T, D)."""
         self.passes += 1
+        return self._decode(tokens, first_index)
+
+    def _decode_step(self, tokens: torch.Tensor, first_index: torch.Tensor):
         hidden = self.model.decode(self.stack(tokens))
         return self.probs(hidden, first_index), hidden
 
@@ -229,10 +236,10 @@ def verify(p, q, drafts, limit, generator, relax=None, groups=None):
     rejected = first < limit
     bonus = p[rows, first]  # (B, V): p after the last accepted draft
     at = first.clamp(max=width - 1)
-    residual = (target[rows, at] - q[rows, at]).clamp_min(0)  # multinomial normalises
+    residual = (target[rows, at] - q[rows, at]).clamp_min(0)  # sample_probs normalises
     usable = residual.sum(-1, keepdim=True) > 1e-12  # p == q up to float rounding: p itself
     final = torch.where(rejected[:, None] & usable, residual, bonus)
-    new = torch.multinomial(final, 1, generator=generator).squeeze(1)
+    new = sample_probs(final, generator)
     return first, new, first + rejected.long()
 
 

@@ -61,7 +61,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .common import SampleResult, cfg_scale_at
+from .common import SampleResult, cfg_scale_at, sample_probs
 from .engine import DecodeCounters, GuidedModel, Rows, check_num_tokens, decode_stats, verify
 
 JACOBI_INITS = ("uniform", "copy_left")
@@ -110,14 +110,16 @@ def sample_jacobi(
     neighbours: torch.Tensor | None = None,
     group_size: int = 8,
     reuse_drafts: bool = False,
+    compile: bool = False,
 ) -> SampleResult:
     """labels (B,) -> SampleResult with tokens (B, num_tokens) by (grouped) speculative Jacobi decoding.
 
     window: L draft tokens verified per pass; init "uniform" or "copy_left" (first draft of a position);
     grouped: GSD's acceptance over the group of the draft and its group_size - 1 nearest codes (needs
     `neighbours` (V, k >= group_size - 1) from `latent_neighbours`); reuse_drafts: keep drafts whose
-    probability did not fall (exact, module docstring). The model runs in eval mode on its own device (its
-    mode is restored afterwards); `generator` must live on that device.
+    probability did not fall (exact, module docstring); compile: the decode step through torch.compile on
+    a static cache. The model runs in eval mode on its own device (its mode is restored afterwards);
+    `generator` must live on that device.
     """
     num_tokens = check_num_tokens(model, num_tokens)
     cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule)
@@ -148,10 +150,10 @@ def sample_jacobi(
     rows = Rows(labels.shape[0], num_tokens, window + 1, device)
     counters = DecodeCounters(device)
     start = time.perf_counter()
-    with GuidedModel(model, labels, **settings, max_len=num_tokens + window + 1) as target:
+    with GuidedModel(model, labels, **settings, max_len=num_tokens + window + 1, compile=compile) as target:
         model_batch = target.labels.shape[0]
         first_probs = target.prefill()[0][:, 0]  # (B, V)
-        rows.start(torch.multinomial(first_probs, 1, generator=generator).squeeze(1))
+        rows.start(sample_probs(first_probs, generator))
         vocab = first_probs.shape[-1]
         batch = labels.shape[0]
         drafts = torch.zeros(batch, window, dtype=torch.long, device=device)  # slot s: token n + s
@@ -181,7 +183,7 @@ def sample_jacobi(
             inputs = torch.cat([rows.last(), drafts], dim=1)  # (B, L + 1): tokens n-1 .. n+L-1
             p, _ = target.decode(inputs, rows.count)  # (B, L + 1, V): tokens n .. n+L
             first, new, tested = verify(p, q, drafts, limit, generator, None, groups)
-            fresh = torch.multinomial(p.flatten(0, 1), 1, generator=generator).view(p.shape[:2])  # (B, L+1)
+            fresh = sample_probs(p, generator)  # (B, L + 1)
             next_q = p
             if reuse_drafts:
                 kept, law = reused_drafts(p[:, :window], q, drafts, fresh[:, :window])

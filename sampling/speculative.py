@@ -56,7 +56,7 @@ x ~ q(. | x_<i, earlier drafts of this pass), which commits y with probability m
 leaves the batch are functions of what was drawn before: they decide only what gets computed, never the law
 of the committed token. By induction over i every row is a sample of prod_i p(x_i | x_<i), the target's
 own autoregressive distribution (with guidance and filtering as configured), whichever drafter proposed.
-Rows share the random generator but draw independently (one multinomial / uniform per row). LANTERN
+Rows share the random generator but draw independently (one uniform per test and per draw). LANTERN
 replaces p by p~_x in (b) and is approximate by design.
 
 Stats: those of sampling/engine.py's `decode_stats`, plus draft_forward_passes (drafter calls of the batch).
@@ -73,7 +73,7 @@ import torch.nn.functional as F
 
 from generators.eagle import EagleDrafter
 
-from .common import SampleResult, cfg_scale_at
+from .common import SampleResult, cfg_scale_at, compile_step, sample_probs
 from .engine import DecodeCounters, GuidedModel, Rows, check_num_tokens, decode_stats, verify
 
 ACCEPTANCE_RULES = ("exact", "lantern")
@@ -184,8 +184,8 @@ class GPTDraft:
     cache holds the class and the committed tokens up to n - 3 (length n - 1) and it reads tokens n - 2 and
     n - 1 (at the very first pass: length 1, token 0 alone)."""
 
-    def __init__(self, model, labels, max_len, settings):
-        self.guided = GuidedModel(model, labels, **settings, max_len=max_len)
+    def __init__(self, model, labels, max_len, settings, compile=False):
+        self.guided = GuidedModel(model, labels, **settings, max_len=max_len, compile=compile)
         self.feed = 1
 
     def __enter__(self):
@@ -211,7 +211,7 @@ class GPTDraft:
         for k in range(gamma):
             if k > 0:
                 q_k = self.guided.decode(drafts[-1][:, None], rows.count + k)[0][:, 0]
-            drafts.append(torch.multinomial(q_k, 1, generator=generator).squeeze(1))
+            drafts.append(sample_probs(q_k, generator))
             q.append(q_k)
         self.feed = 2
         return torch.stack(drafts, 1), torch.stack(q, 1)
@@ -227,15 +227,24 @@ class EagleDraft:
     """The EAGLE drafter (generators/eagle.py) on the target's features, with its own per-row KV cache:
     draft position i holds the pair (token i, f_i), f_i the target's hidden state that predicted token i."""
 
-    def __init__(self, drafter: EagleDrafter, target: GuidedModel, max_len: int):
-        self.drafter, self.target, self.max_len = drafter, target, max_len
+    def __init__(self, drafter: EagleDrafter, target: GuidedModel, max_len: int, compile: bool = False):
+        self.drafter, self.target, self.max_len, self.compile = drafter, target, max_len, compile
         self.was_training = drafter.training
         self.passes = 0
 
     def __enter__(self):
         self.drafter.eval()
-        self.drafter.setup_cache(self.target.labels.shape[0], max_len=self.max_len)
+        self.drafter.setup_cache(self.target.labels.shape[0], max_len=self.max_len, static=self.compile)
+        device = self.target.labels.device
+        self._step = compile_step(self._draft_step, device) if self.compile else self._draft_step
         return self
+
+    def _draft_step(self, tokens, features, column, first_index):
+        """Pairs (tokens (B, T), features (B*, T, D)) appended; the prediction at `column` (B*,) -> that
+        predicted feature (B*, D) and the guided distribution (B, V) of token first_index it gives."""
+        predicted = self.drafter.decode(self.target.stack(tokens), features)  # (B*, T, D)
+        feature = predicted[torch.arange(predicted.shape[0], device=predicted.device), column]
+        return feature, self.target.probs(feature[:, None], first_index)[:, 0]
 
     def __exit__(self, *exc):
         self.drafter.clear_cache()
@@ -250,20 +259,18 @@ class EagleDraft:
     def propose(self, rows: Rows, gamma: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, features = self.pairs
         self._truncate(self.true_length)
-        predicted = self.drafter.decode(self.target.stack(tokens), features)  # (B or 2B, W, D)
-        column = self.target.stack(self.last)
-        feature = predicted[torch.arange(predicted.shape[0], device=predicted.device), column]  # (B*, D)
+        # the pairs of the committed tokens (W wide, padded); the last true pair predicts token n
+        feature, q_k = self._step(tokens, features, self.target.stack(self.last), rows.count)
         self.true_length = rows.lengths()  # pairs 0 .. n - 1 hold committed tokens; drop the padding
         self._truncate(self.true_length)
-        self.passes += 1
+        column = torch.zeros_like(self.target.stack(self.last))
         drafts, q = [], []
         for k in range(gamma):
-            if k > 0:
-                feature = self.drafter.decode(self.target.stack(drafts[-1])[:, None], feature[:, None])[:, 0]
-                self.passes += 1
-            q_k = self.target.probs(feature[:, None], rows.count + k)[:, 0]  # (B, V) of token n + k
-            drafts.append(torch.multinomial(q_k, 1, generator=generator).squeeze(1))
+            if k > 0:  # the drafter's own (draft, predicted feature) pair predicts token n + k
+                feature, q_k = self._step(drafts[-1][:, None], feature[:, None], column, rows.count + k)
+            drafts.append(sample_probs(q_k, generator))
             q.append(q_k)
+        self.passes += gamma
         return torch.stack(drafts, 1), torch.stack(q, 1)
 
     def _truncate(self, lengths: int | torch.Tensor) -> None:
@@ -302,14 +309,15 @@ def sample_speculative(
     lantern_delta: float = 0.0,
     lantern_lambda: float | None = None,
     neighbours: torch.Tensor | None = None,
+    compile: bool = False,
 ) -> SampleResult:
     """labels (B,) -> SampleResult with tokens (B, num_tokens) from `model`, drafted by `draft` (a smaller
     GPT on the same codes, or an EagleDrafter trained for `model`).
 
     gamma: drafts per pass and row. acceptance "exact" or "lantern" (needs `neighbours` (V, k) from
-    `latent_neighbours`; lantern_delta, or lantern_lambda for LANTERN++'s bound (lambda - 1) * p(x)). Both
-    models run in eval mode on the target's device (their modes are restored afterwards); `generator` must
-    live on that device.
+    `latent_neighbours`; lantern_delta, or lantern_lambda for LANTERN++'s bound (lambda - 1) * p(x)).
+    compile: target and drafter steps through torch.compile on static caches. Both models run in eval mode
+    on the target's device (their modes are restored afterwards); `generator` must live on that device.
     """
     num_tokens = check_num_tokens(model, num_tokens)
     cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule)  # rejects an unknown schedule up front
@@ -355,11 +363,14 @@ def sample_speculative(
     rows = Rows(labels.shape[0], num_tokens, gamma + 1, device)
     counters = DecodeCounters(device)
     start = time.perf_counter()
-    with GuidedModel(model, labels, **settings, max_len=max_len) as target:
-        drafter = EagleDraft(draft, target, max_len) if eagle else GPTDraft(draft, labels, max_len, settings)
+    with GuidedModel(model, labels, **settings, max_len=max_len, compile=compile) as target:
+        if eagle:
+            drafter = EagleDraft(draft, target, max_len, compile)
+        else:
+            drafter = GPTDraft(draft, labels, max_len, settings, compile)
         with drafter:
             probs, hidden = target.prefill()
-            rows.start(torch.multinomial(probs[:, 0], 1, generator=generator).squeeze(1))
+            rows.start(sample_probs(probs[:, 0], generator))
             drafter.start(rows, hidden)
             model_batch = target.labels.shape[0]
             rows.advance(target.passes)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from generators import GPT
+from generators import GPT, EagleDrafter
 from scripts.bench_decoding import main
 from tokenizers_vis.titok import TiTok
 from training.feature_net import ensure_feature_net
@@ -14,7 +14,18 @@ from training.feature_net import ensure_feature_net
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUM_TOKENS = 8
-METHODS = {"ar", "speculative", "lantern_d0.2", "lantern++_k4_l5", "sjd_L4", "sjd_copy_left_L4", "gsd_G3_L4"}
+METHODS = {
+    "ar",
+    "speculative_gpt",
+    "speculative_eagle",
+    "lantern_gpt_d0.2",
+    "lantern_eagle_d0.2",
+    "lantern++_eagle_k4_l5",
+    "sjd_L4",
+    "sjd_reuse_L4",
+    "sjd_copy_left_L4",
+    "gsd_G3_L4",
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +43,19 @@ def workspace(tmp_path_factory):
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, std=0.3)
     generator.save_pretrained(root / "generator")
+    eagle = EagleDrafter.for_target(generator)
+    for p in eagle.parameters():
+        nn.init.normal_(p, std=0.3)
+    eagle.save_pretrained(root / "eagle")
     ensure_feature_net(16, root / "nets", steps=60, pool_size=512, val_per_class=4, progress=False)
     return root
 
 
-def arguments(workspace, out, draft):
+def arguments(workspace, out, draft, *extra):
     return [
         f"--generator={workspace / 'generator'}",
         f"--draft={draft}",
+        f"--eagle={workspace / 'eagle'}",
         f"--tokenizer={workspace / 'tokenizer'}",
         "--num-samples=17",
         "--sample-batch-size=9",
@@ -55,7 +71,12 @@ def arguments(workspace, out, draft):
         "--sjd-windows=4",
         "--jacobi-window=4",
         "--gsd-group-size=3",
+        "--seeds",
+        "0",
+        "1",
         f"--out={out}",
+        f"--results={out / 'results.json'}",
+        *extra,
         "--eval",
         f"feature_net.root={workspace / 'nets'}",
         "feature_net.resolution=16",
@@ -67,7 +88,8 @@ def arguments(workspace, out, draft):
 def test_every_method_is_measured_and_reported(workspace, tmp_path):
     # The target drafts for itself (a second copy of the same export): every draft should pass.
     out = tmp_path / "bench"
-    report = main(arguments(workspace, out, draft=workspace / "generator"))
+    extra = ["--pass-cost-k", "1", "2", "--pass-cost-repeats=1"]
+    report = main(arguments(workspace, out, workspace / "generator", *extra))
     written = json.loads((out / "decoding.json").read_text())
     assert written["methods"].keys() == report["methods"].keys() == METHODS
     assert (out / "decoding.png").stat().st_size > 0
@@ -75,33 +97,51 @@ def test_every_method_is_measured_and_reported(workspace, tmp_path):
     assert all(f"| {name} |" in table for name in METHODS) and "within noise" in table
 
     for name, method in written["methods"].items():
-        quality = method["quality"]
-        for key in ("forward_passes", "tokens_per_pass", "gfid", "is", "cond_accuracy"):
-            assert isinstance(quality[key], float | int), (name, key)
-        assert quality["metrics"]["num_samples"] == 17
-        assert method["timing"].keys() == {"1", "4"}
-        for batch, timing in method["timing"].items():
+        for key in ("gfid", "is", "cond_accuracy"):
+            assert isinstance(method[key], float), (name, key)
+        assert method["quality_samples"]["metrics"]["num_samples"] == 17
+        assert method["batches"].keys() == {"1", "4"}
+        for batch, timing in method["batches"].items():
             assert timing["rows"] == int(batch) * (1 if batch == "4" else 2)  # rounded up to whole batches
-            assert timing["speedup"] > 0 and timing["images_per_s"] > 0 and len(timing["wall_times"]) == 2
+            assert (
+                timing["speedup_wall"] > 0 and timing["images_per_s"] > 0 and len(timing["wall_times"]) == 2
+            )
+            assert timing["passes_per_image"] <= timing["batch_passes"] <= NUM_TOKENS
+            assert timing["tokens_per_pass"] == pytest.approx(NUM_TOKENS / timing["passes_per_image"])
         assert method["within_noise"] in (("baseline",) if name == "ar" else ("yes", "no"))
-    assert written["methods"]["ar"]["timing"]["1"]["speedup"] == 1.0
-
-    ar, spec = written["methods"]["ar"]["quality"], written["methods"]["speculative"]["quality"]
-    assert ar["forward_passes"] == NUM_TOKENS and ar["tokens_per_pass"] == 1.0
-    assert spec["forward_passes"] <= ar["forward_passes"] and spec["tokens_per_pass"] > 1
-    assert spec["acceptance_rate"] > 0.9 and spec["draft_forward_passes"] > 0
-    for name in ("sjd_L4", "sjd_copy_left_L4", "gsd_G3_L4"):
-        assert "draft_forward_passes" not in written["methods"][name]["quality"]
+    methods = written["methods"]
+    assert methods["ar"]["batches"]["1"]["speedup_wall"] == 1.0
+    ar, spec = methods["ar"]["batches"]["1"], methods["speculative_gpt"]["batches"]["1"]
+    assert ar["passes_per_image"] == NUM_TOKENS and ar["tokens_per_pass"] == 1.0
+    assert spec["passes_per_image"] < ar["passes_per_image"] and spec["acceptance"] > 0.9
+    assert spec["draft_passes_per_image"] > 0
+    assert methods["speculative_eagle"]["batches"]["1"]["draft_passes_per_image"] > 0
+    for name in ("sjd_L4", "sjd_reuse_L4", "sjd_copy_left_L4", "gsd_G3_L4"):
+        assert "draft_passes_per_image" not in methods[name]["batches"]["1"]
+        assert methods[name]["window"] == 5
 
     floor = written["noise_floor"]
-    assert floor["seeds"] == [0, 1] and floor["gfid"][0] == ar["gfid"]
+    assert floor["seeds"] == [0, 1] and floor["gfid"][0] == methods["ar"]["gfid"]
     assert floor["spread"] == pytest.approx(abs(floor["gfid"][0] - floor["gfid"][1]))
-    assert (
-        written["environment"]["torch_threads"] == 1 and written["environment"]["torch"] == torch.__version__
-    )
-    assert written["draft_param_ratio"] == 1.0
+    env = written["environment"]
+    assert env["torch_threads"] == 1 and env["torch"] == torch.__version__
+
+    cost = written["pass_cost"]  # GPT-B, random weights
+    assert 100e6 < cost["model"]["params"] < 120e6
+    assert {(row["batch"], row["k"]) for row in cost["table"]} == {(1, 1), (1, 2), (4, 1), (4, 2)}
+    assert all(row["seconds"] > 0 for row in cost["table"])
+    step = written["step_cost"]["1"]
+    assert step["target"]["1"]["ratio"] == 1.0 and {"drafter_gpt", "drafter_eagle"} <= step.keys()
+    projected = {(p["method"], p["batch"]): p for p in written["projection"]}
+    assert len(projected) == 2 * len(METHODS) and projected[("ar", 1)]["speedup"] == 1.0
+
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["rows"]) == 2 * len(METHODS)
+    keys = {"method", "settings", "batch", "passes_per_image", "tokens_per_pass", "speedup_wall", "gfid"}
+    assert all(keys | {"cond_accuracy", "exact"} <= row.keys() for row in results["rows"])
+    assert {"pass_cost", "projection", "noise_floor"} <= results.keys()
 
 
 def test_a_missing_export_is_a_one_line_error(workspace, tmp_path):
     with pytest.raises(SystemExit, match=r"--draft .*train.py \+experiment=gpt_draft_quickstart"):
-        main(arguments(workspace, tmp_path / "bench", draft=tmp_path / "no_draft"))
+        main(arguments(workspace, tmp_path / "bench", tmp_path / "no_draft"))

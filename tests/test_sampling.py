@@ -14,6 +14,7 @@ from sampling import (
     guided_logits,
     sample_ar,
     sample_logits,
+    sample_probs,
 )
 
 V, N, C = 16, 8, 4
@@ -116,6 +117,17 @@ def test_sample_logits_is_seeded_and_keeps_shape():
     assert (sample_logits(one_hot) == 3).all()
 
 
+@pytest.mark.parametrize(
+    "weights", [[0.5, 0.0, 0.2, 0.3, 0.0], [2.0, 0.0, 1.0, 1.0, 6.0]], ids=["probs", "weights"]
+)
+def test_sample_probs_draws_each_token_with_its_weight(weights):
+    weights = torch.tensor(weights)
+    draws = sample_probs(weights.expand(20_000, 5), seeded(3))  # one draw per row
+    statistic, dof = chi_square(draws, weights / weights.sum())  # zero-weight tokens must never appear
+    assert statistic < CHI2_999[dof], statistic
+    assert sample_probs(weights.expand(2, 3, 5), seeded(3)).shape == (2, 3)
+
+
 def test_class_balanced_labels():
     assert class_balanced_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert torch.bincount(class_balanced_labels(1000, 10)).tolist() == [100] * 10
@@ -134,7 +146,7 @@ def test_scale_one_is_conditional_sampling_without_doubling():
     reference, g = torch.zeros(3, 0, dtype=torch.long), seeded(5)  # conditional sampling, written out
     for _ in range(N):
         probs = model.logits(model.forward_prefix(reference, labels)[:, -1]).softmax(-1)
-        reference = torch.cat([reference, torch.multinomial(probs, 1, generator=g)], 1)
+        reference = torch.cat([reference, sample_probs(probs, g)[:, None]], 1)
     assert torch.equal(result.tokens, reference)
 
     calls.clear()
