@@ -33,6 +33,7 @@ from torch import nn
 from tokenizers_vis.base import Exportable, register
 
 from .gpt import Block, CachedBlocks, Rotary
+from .linear import PackedLinear
 
 # the target config entries a drafter depends on (checked by `bind`)
 TARGET_KEYS = ("vocab_size", "num_tokens", "grid", "width", "rope_base", "token_kind")
@@ -56,7 +57,7 @@ class EagleDrafter(CachedBlocks, Exportable, nn.Module):
         self.config = dict(target=target, heads=heads)
         self.num_tokens, self.heads, self.head_dim = target["num_tokens"], heads, width // heads
         grid = None if target["grid"] is None else tuple(target["grid"])
-        self.fc = nn.Linear(2 * width, width, bias=False)
+        self.fc = PackedLinear(2 * width, width, bias=False)
         self.blocks = nn.ModuleList([Block(width, heads)])
         self.norm = nn.RMSNorm(width, eps=1e-5)
         self.rope = Rotary(self.head_dim, self.num_tokens, grid, target["rope_base"], first_position=1)

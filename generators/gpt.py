@@ -53,6 +53,7 @@ from torch import nn
 from tokenizers_vis.base import Exportable, register
 
 from .heads import make_embedding, make_head
+from .linear import PackedLinear
 
 GPT_SIZES = {
     "tiny": dict(width=128, depth=4, heads=4),
@@ -252,8 +253,8 @@ class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width, bias=False)
-        self.proj = nn.Linear(width, width, bias=False)
+        self.qkv = PackedLinear(width, 3 * width, bias=False)
+        self.proj = PackedLinear(width, width, bias=False)
 
     def forward(self, x, step: Step, cache: KVCache | None, layer: int):
         batch, steps, width = x.shape
@@ -269,9 +270,9 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
-        self.gate = nn.Linear(width, hidden, bias=False)
-        self.up = nn.Linear(width, hidden, bias=False)
-        self.down = nn.Linear(hidden, width, bias=False)
+        self.gate = PackedLinear(width, hidden, bias=False)
+        self.up = PackedLinear(width, hidden, bias=False)
+        self.down = PackedLinear(hidden, width, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))

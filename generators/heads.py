@@ -26,6 +26,8 @@ from torch import nn
 from sampling.common import filter_logits, guided_logits, sample_logits
 from tokenizers_vis.base import TOKEN_KINDS
 
+from .linear import PackedLinear
+
 
 class Head(nn.Module):
     """Hidden states (..., D) -> one position's token. Subclasses set `kind` and `token_shape`."""
@@ -84,7 +86,7 @@ class CategoricalHead(Head):
 
     def __init__(self, width: int, vocab_size: int, token_dim: int | None = None):
         super().__init__()
-        self.proj = nn.Linear(width, vocab_size, bias=False)
+        self.proj = PackedLinear(width, vocab_size, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden)  # (..., V)

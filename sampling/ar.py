@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from .common import SampleResult, cfg_scale_at, compile_step
+from .common import SampleResult, cfg_scale_at, compile_step, filter_logits, guided_logits, sample_probs
 
 
 @torch.no_grad()
@@ -44,9 +44,10 @@ def sample_ar(
 ) -> SampleResult:
     """labels (B,) -> SampleResult with tokens (B, num_tokens, *token_shape); num_tokens defaults to N.
 
-    compile: run the cached decode step through torch.compile (`compile_step`: a static cache with fixed
-    shapes; CUDA graphs on GPUs). The model runs in eval mode on its own device (its previous mode is
-    restored afterwards); `generator` must live on that device.
+    compile: run each cached step (decode, head, guidance, filtering, the draw from a uniform drawn before
+    it) through torch.compile (`compile_step`: a static cache with fixed shapes; CUDA graphs on GPUs);
+    heads other than the categorical one compile the decode and draw eagerly. The model runs in eval mode
+    on its own device (its previous mode is restored afterwards); `generator` must live on that device.
     """
     if compile and not use_cache:
         raise ValueError("compile=True compiles the cached decode step: it needs use_cache=True")
@@ -69,23 +70,36 @@ def sample_ar(
     model.eval()
     start = time.perf_counter()
     try:
+        decode, fused = model.decode, None
         if use_cache:
             static = {"static": True} if compile else {}  # fixed shapes for the compiled step
             model.setup_cache(rows.shape[0], max_len=num_tokens, **static)  # class + tok0 .. tok(N-2)
             hidden = model.prefill(rows)[:, -1]  # (B or 2B, D)
             passes += 1
-            decode = compile_step(model.decode, device) if compile else model.decode
+            if compile and model.head.kind == "categorical":
+                fused = fused_step(model, guided, temperature, top_k, top_p, device)
+            elif compile:  # other heads draw with the generator: only the decode is compiled
+                decode = compile_step(model.decode, device)
         for step in range(num_tokens):
             if not use_cache:
                 hidden = model.forward_prefix(doubled(tokens[:, :step]), rows)[:, -1]
                 passes += 1
-            scale = cfg_scale_at(step, num_tokens, cfg_scale, cfg_schedule)
-            tokens[:, step] = model.head.sample_stacked(
-                hidden, guided, scale, temperature, top_k, top_p, generator
-            )  # the head runs once over [conditional; unconditional]
+            if fused is None or step == 0:
+                scale = cfg_scale_at(step, num_tokens, cfg_scale, cfg_schedule)
+                tokens[:, step] = model.head.sample_stacked(
+                    hidden, guided, scale, temperature, top_k, top_p, generator
+                )  # the head runs once over [conditional; unconditional]
             if use_cache and step + 1 < num_tokens:
-                hidden = decode(doubled(tokens[:, step : step + 1]))[:, -1]
                 passes += 1
+                previous = doubled(tokens[:, step : step + 1])
+                if fused is None:
+                    hidden = decode(previous)[:, -1]
+                    continue
+                scale = torch.tensor(
+                    cfg_scale_at(step + 1, num_tokens, cfg_scale, cfg_schedule), device=device
+                )
+                uniform = torch.rand(labels.shape[0], device=device, generator=generator)
+                tokens[:, step + 1] = fused(previous, scale, uniform)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
@@ -100,3 +114,17 @@ def sample_ar(
         "model_batch": rows.shape[0],  # rows per forward pass: 2B with guidance
     }
     return SampleResult(tokens=tokens, labels=labels, stats=stats)
+
+
+def fused_step(model, guided: bool, temperature: float, top_k: int, top_p: float, device):
+    """A categorical GPT's whole decode step, compiled: (previous token (B*, 1), guidance scale (0-d
+    tensor), uniform (B,)) -> the next token (B,): decode, head, guidance, filtering and the draw in one
+    graph (the uniform is drawn outside, so the graph needs no generator)."""
+
+    def step(previous, scale, uniform):
+        logits = model.head(model.decode(previous)[:, -1]).float()  # (B or 2B, V)
+        if guided:
+            logits = guided_logits(*logits.chunk(2), scale)
+        return sample_probs(filter_logits(logits, temperature, top_k, top_p).softmax(-1), uniform=uniform)
+
+    return compile_step(step, device)

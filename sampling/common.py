@@ -75,17 +75,21 @@ def filter_logits(
     return logits
 
 
-def sample_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_probs(
+    probs: torch.Tensor, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None
+) -> torch.Tensor:
     """One draw per row from probabilities or any non-negative weights (..., V) -> long (...).
 
-    Inverse-CDF sampling: the first token whose cumulative weight exceeds u * total, u ~ U[0, 1). A token
-    of weight 0 has an empty interval and is never drawn. Four kernels and no input validation, where
+    Inverse-CDF sampling: the first token whose cumulative weight exceeds u * total, u ~ U[0, 1) (drawn
+    from `generator`, or given: `uniform` (...), so a compiled pass needs no generator). A token of weight 0
+    has an empty interval and is never drawn. Four kernels and no input validation, where
     torch.multinomial checks its input and draws V exponentials per row (5-20x slower on small rows, the
     cost that matters between a sampler's forward passes).
     """
     cumulative = probs.float().cumsum(dim=-1)  # (..., V)
-    threshold = torch.rand(probs.shape[:-1] + (1,), device=probs.device, generator=generator)
-    threshold = threshold * cumulative[..., -1:]
+    if uniform is None:
+        uniform = torch.rand(probs.shape[:-1], device=probs.device, generator=generator)
+    threshold = uniform[..., None] * cumulative[..., -1:]
     drawn = torch.searchsorted(cumulative, threshold, right=True)  # (..., 1)
     return drawn.clamp_(max=probs.shape[-1] - 1).squeeze(-1)  # u * total rounding up to total: rare
 
@@ -96,10 +100,11 @@ def sample_logits(logits: torch.Tensor, generator: torch.Generator | None = None
 
 
 def compile_step(step, device: torch.device):
-    """torch.compile a sampler's decode step (a model call on a static KV cache, `setup_cache(static=True)`,
-    so every call of one window size has the same shapes). On CUDA with mode "reduce-overhead": CUDA graphs
-    replay the whole step in one launch. Shapes that change (a batch whose finished rows left, a window
-    of another size) compile again once, after which dynamo treats that dimension as dynamic."""
+    """torch.compile a sampler's step: a decode step or a whole draft-and-verify pass, on static KV caches
+    (`setup_cache(static=True)`) with its random numbers drawn outside, so every call of one window size
+    has the same shapes and no generator inside. On CUDA with mode "reduce-overhead": CUDA graphs replay
+    the whole step in one launch. Shapes that change (a batch whose finished rows left) compile again once,
+    after which dynamo treats that dimension as dynamic."""
     mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
     return torch.compile(step, mode=mode)
 

@@ -1,7 +1,7 @@
 """The decoding engine that speculative decoding (speculative.py) and Jacobi decoding (jacobi.py) share.
 
     GuidedModel   a GPT behind classifier-free guidance, temperature and filtering: tokens in, next-token
-                  probabilities (float32) and hidden states out, on its own per-row KV cache, counting passes
+                  probabilities (float32) and hidden states out, on its own per-row KV cache
     Rows          the committed tokens of the rows still running, and the pass's one host synchronisation,
                   after which finished rows leave the batch
     verify        the speculative test of every row's drafts, in order, against the target (exact, LANTERN's
@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from .common import cfg_scale_at, compile_step, filter_logits, guided_logits, sample_probs
+from .common import cfg_scale_at, filter_logits, guided_logits, sample_probs
 
 
 class GuidedModel:
@@ -50,8 +50,7 @@ class GuidedModel:
 
     With guidance (cfg_scale != 1) the model runs the stacked batch [conditional; null class] (2B rows) and
     `probs` combines the halves as uncond + s * (cond - uncond), s = cfg_scale_at(token index); hidden states
-    stay stacked (the EAGLE drafter reads both halves). compile: a static cache and the decode step (model,
-    head, guidance, filtering) through torch.compile (sampling/common.py's `compile_step`).
+    stay stacked (the EAGLE drafter reads both halves). static: a cache with fixed shapes (compiled passes).
     """
 
     def __init__(
@@ -65,9 +64,9 @@ class GuidedModel:
         top_k: int = 0,
         top_p: float = 1.0,
         max_len: int | None = None,
-        compile: bool = False,
+        static: bool = False,
     ):
-        self.model, self.num_tokens, self.max_len, self.compile = model, num_tokens, max_len, compile
+        self.model, self.num_tokens, self.max_len, self.static = model, num_tokens, max_len, static
         self.cfg_scale, self.cfg_schedule = cfg_scale, cfg_schedule
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.guided = cfg_scale != 1.0
@@ -78,9 +77,7 @@ class GuidedModel:
 
     def __enter__(self) -> GuidedModel:
         self.model.eval()
-        self.model.setup_cache(self.labels.shape[0], max_len=self.max_len, static=self.compile)
-        device = self.labels.device
-        self._decode = compile_step(self._decode_step, device) if self.compile else self._decode_step
+        self.model.setup_cache(self.labels.shape[0], max_len=self.max_len, static=self.static)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -105,11 +102,8 @@ class GuidedModel:
 
     def decode(self, tokens: torch.Tensor, first_index: torch.Tensor):
         """Append tokens (B, T) at every row's cache length; first_index (B,): the token index the first
-        output predicts -> probabilities (B, T, V) and hidden states (B or 2B, T, D)."""
-        self.passes += 1
-        return self._decode(tokens, first_index)
-
-    def _decode_step(self, tokens: torch.Tensor, first_index: torch.Tensor):
+        output predicts -> probabilities (B, T, V) and hidden states (B or 2B, T, D). The caller counts
+        the pass in `passes` (outside a compiled pass: a changing int would be a guard to recompile on)."""
         hidden = self.model.decode(self.stack(tokens))
         return self.probs(hidden, first_index), hidden
 
@@ -141,8 +135,8 @@ class Rows:
     """Committed tokens of the rows still running, in a (B, N + pad) buffer (row r: tokens 0 .. n_r - 1, then
     scratch that commits overwrite), their counts n (B,), and the finished images in `tokens_out` (B0, N)."""
 
-    def __init__(self, batch: int, num_tokens: int, pad: int, device):
-        self.num_tokens = num_tokens
+    def __init__(self, batch: int, num_tokens: int, pad: int, device, host_lengths: bool = True):
+        self.num_tokens, self.host_lengths = num_tokens, host_lengths
         self.tokens = torch.zeros(batch, num_tokens + pad, dtype=torch.long, device=device)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)
         self.tokens_out = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
@@ -169,8 +163,11 @@ class Rows:
         return self.tokens.gather(1, self.count[:, None] - 1)
 
     def lengths(self, offset: int = 0) -> int | torch.Tensor:
-        """n_r + offset for every row: an int while all rows agree (the caches' fast path), else (B,)."""
-        return self.uniform + offset if self.uniform is not None else self.count + offset
+        """n_r + offset for every row: an int while all rows agree (the caches' fast path) unless
+        host_lengths is off (compiled passes: always the (B,) tensor), else (B,)."""
+        if self.host_lengths and self.uniform is not None:
+            return self.uniform + offset
+        return self.count + offset
 
     def commit(self, window: torch.Tensor, first: torch.Tensor, new: torch.Tensor) -> None:
         """Row r keeps the drafts window[r, 1 : 1 + f_r] and `new` after them: tokens n_r .. n_r + f_r."""
@@ -208,11 +205,12 @@ def acceptance_ratio(p_x: torch.Tensor, q_x: torch.Tensor) -> torch.Tensor:
     return p_x / q_x
 
 
-def verify(p, q, drafts, limit, generator, relax=None, groups=None):
+def verify(p, q, drafts, limit, uniforms, relax=None, groups=None):
     """Test every row's drafts in order and draw its new token.
 
     p (B, W+1, V): target probabilities of tokens n .. n+W; drafts (B, W) and q (B, W, V): the draft of
-    each token n + o and the distribution it was drawn from; limit (B,): drafts row r may test (<= W).
+    each token n + o and the distribution it was drawn from; limit (B,): drafts row r may test (<= W);
+    uniforms (B, W + 1) ~ U[0, 1): the tests' draws, then the new token's.
     relax(p, x) -> the target to test x against (LANTERN); groups (V, G): test sum_G p / sum_G q over the
     draft's group (GSD). Returns first (B,) f_r (accepted drafts = the column of the new token), new (B,),
     tested (B,) (drafts tested: f_r, plus the rejected one).
@@ -230,8 +228,7 @@ def verify(p, q, drafts, limit, generator, relax=None, groups=None):
         members = groups[drafts]  # (B, W, G)
         p_x, q_x = target.gather(-1, members).sum(-1), q.gather(-1, members).sum(-1)
     ratio = acceptance_ratio(p_x, q_x.clamp_min(1e-30))  # a drawn draft has q(x) > 0
-    u = torch.rand(batch, width, device=p.device, generator=generator)
-    accept = (u < ratio) & (torch.arange(width, device=p.device) < limit[:, None])
+    accept = (uniforms[:, :width] < ratio) & (torch.arange(width, device=p.device) < limit[:, None])
     first = accept.long().cumprod(dim=1).sum(dim=1)  # (B,) in [0, limit]
     rejected = first < limit
     bonus = p[rows, first]  # (B, V): p after the last accepted draft
@@ -239,7 +236,7 @@ def verify(p, q, drafts, limit, generator, relax=None, groups=None):
     residual = (target[rows, at] - q[rows, at]).clamp_min(0)  # sample_probs normalises
     usable = residual.sum(-1, keepdim=True) > 1e-12  # p == q up to float rounding: p itself
     final = torch.where(rejected[:, None] & usable, residual, bonus)
-    new = sample_probs(final, generator)
+    new = sample_probs(final, uniform=uniforms[:, width])
     return first, new, first + rejected.long()
 
 

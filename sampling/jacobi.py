@@ -61,7 +61,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .common import SampleResult, cfg_scale_at, sample_probs
+from .common import SampleResult, cfg_scale_at, compile_step, sample_probs
 from .engine import DecodeCounters, GuidedModel, Rows, check_num_tokens, decode_stats, verify
 
 JACOBI_INITS = ("uniform", "copy_left")
@@ -117,9 +117,9 @@ def sample_jacobi(
     window: L draft tokens verified per pass; init "uniform" or "copy_left" (first draft of a position);
     grouped: GSD's acceptance over the group of the draft and its group_size - 1 nearest codes (needs
     `neighbours` (V, k >= group_size - 1) from `latent_neighbours`); reuse_drafts: keep drafts whose
-    probability did not fall (exact, module docstring); compile: the decode step through torch.compile on
-    a static cache. The model runs in eval mode on its own device (its mode is restored afterwards);
-    `generator` must live on that device.
+    probability did not fall (exact, module docstring); compile: each pass (drafts, verification, commit)
+    through torch.compile on a static cache, its random numbers drawn before it. The model runs in eval
+    mode on its own device (its mode is restored afterwards); `generator` must live on that device.
     """
     num_tokens = check_num_tokens(model, num_tokens)
     cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule)
@@ -147,65 +147,77 @@ def sample_jacobi(
         top_p=top_p,
     )
     slots = torch.arange(window, device=device)
-    rows = Rows(labels.shape[0], num_tokens, window + 1, device)
+    rows = Rows(labels.shape[0], num_tokens, window + 1, device, host_lengths=not compile)
     counters = DecodeCounters(device)
     start = time.perf_counter()
-    with GuidedModel(model, labels, **settings, max_len=num_tokens + window + 1, compile=compile) as target:
+    with GuidedModel(model, labels, **settings, max_len=num_tokens + window + 1, static=compile) as target:
         model_batch = target.labels.shape[0]
         first_probs = target.prefill()[0][:, 0]  # (B, V)
         rows.start(sample_probs(first_probs, generator))
         vocab = first_probs.shape[-1]
         batch = labels.shape[0]
-        drafts = torch.zeros(batch, window, dtype=torch.long, device=device)  # slot s: token n + s
-        q = torch.zeros(batch, window, vocab, device=device)
+        # Per row: the draft slots (slot s = token n + s) and their laws, the first slot that enters the
+        # window for the first time, and the first token that is neither committed nor drafted.
+        state = {
+            "drafts": torch.zeros(batch, window, dtype=torch.long, device=device),
+            "q": torch.zeros(batch, window, vocab, device=device),
+            "reached": torch.zeros(batch, 1, dtype=torch.long, device=device),
+            "known": rows.count[:, None].clone(),
+        }
 
-        def initialise(reached: torch.Tensor, known: torch.Tensor) -> None:
-            """Slots at and after `reached` (B, 1) enter the window for the first time; tokens before
-            `known` (B, 1) are committed or drafted."""
-            nonlocal drafts, q
+        def initialise(drafts, q, reached, known, uniforms):
+            """Slots at and after `reached` get their first draft; uniforms (B, L) for uniform draws."""
             new = slots >= reached  # (B, L)
             if init == "uniform":
-                drafts = torch.where(new, torch.randint_like(drafts, vocab, generator=generator), drafts)
-                q = q.masked_fill(new[..., None], 1.0 / vocab)
-                return
+                values = (uniforms * vocab).long().clamp_(max=vocab - 1)  # uniform over the vocabulary
+                return torch.where(new, values, drafts), q.masked_fill(new[..., None], 1.0 / vocab)
             source = copy_left_source(rows.count[:, None] + slots, known, grid)  # (B, L)
             from_slot = (source - rows.count[:, None]).clamp(0, window - 1)
             values = torch.where(
                 source >= rows.count[:, None], drafts.gather(1, from_slot), rows.tokens.gather(1, source)
             )
-            drafts = torch.where(new, values, drafts)
-            q = torch.where(new[..., None], F.one_hot(values, vocab).float(), q)
+            return torch.where(new, values, drafts), torch.where(
+                new[..., None], F.one_hot(values, vocab).float(), q
+            )
 
-        initialise(torch.zeros(batch, 1, dtype=torch.long, device=device), rows.count[:, None])
-        rows.advance(target.passes)
-        while rows.running:
+        def one_pass(uniforms: torch.Tensor) -> None:
+            """Initialise, verify, commit and shift every row's window; uniforms (B, 3L + 2): the draws."""
+            drafts, q = initialise(
+                state["drafts"], state["q"], state["reached"], state["known"], uniforms[:, :window]
+            )
             limit = (num_tokens - 1 - rows.count).clamp(max=window)
             inputs = torch.cat([rows.last(), drafts], dim=1)  # (B, L + 1): tokens n-1 .. n+L-1
             p, _ = target.decode(inputs, rows.count)  # (B, L + 1, V): tokens n .. n+L
-            first, new, tested = verify(p, q, drafts, limit, generator, None, groups)
-            fresh = sample_probs(p, generator)  # (B, L + 1)
+            first, new, tested = verify(
+                p, q, drafts, limit, uniforms[:, window : 2 * window + 1], None, groups
+            )
+            fresh = sample_probs(p, uniform=uniforms[:, 2 * window + 1 :])  # (B, L + 1)
             next_q = p
             if reuse_drafts:
                 kept, law = reused_drafts(p[:, :window], q, drafts, fresh[:, :window])
                 fresh = torch.cat([kept, fresh[:, window:]], dim=1)
                 next_q = torch.cat([law, p[:, window:]], dim=1)
-            known = rows.count[:, None] + window + 1  # tokens up to n + L are committed or drafted
+            state["known"] = rows.count[:, None] + window + 1  # tokens up to n + L: committed or drafted
             rows.commit(inputs, first, new)
             counters.add(first, tested)
             # Next drafts, slot s = token n' + s: this pass's output column f + 1 + s while it is in the
             # window (f + 1 + s <= L), then first-time slots.
-            column = first[:, None] + 1 + slots  # (B, L)
-            reached = window - first[:, None]  # slots s < reached come from this pass
-            column = column.clamp(max=window)
-            drafts = fresh.gather(1, column)
-            q = next_q.gather(1, column[..., None].expand(-1, -1, vocab))
+            column = (first[:, None] + 1 + slots).clamp(max=window)  # (B, L)
+            state["reached"] = window - first[:, None]  # slots s < reached come from this pass
+            state["drafts"] = fresh.gather(1, column)
+            state["q"] = next_q.gather(1, column[..., None].expand(-1, -1, vocab))
+
+        step = compile_step(one_pass, device) if compile else one_pass
+        rows.advance(target.passes)
+        while rows.running:
+            step(torch.rand(rows.running, 3 * window + 2, device=device, generator=generator))
+            target.passes += 1
             keep = rows.advance(target.passes)  # the pass's one host synchronisation
             if not rows.running:
                 break
             if keep is not None:
-                drafts, q, reached, known = drafts[keep], q[keep], reached[keep], known[keep]
+                state = {name: value[keep] for name, value in state.items()}
                 target.select(keep)
             target.truncate(rows.lengths())
-            initialise(reached, known)
         stats = decode_stats(target, rows, counters, start, model_batch)
     return SampleResult(tokens=rows.tokens_out, labels=labels, stats=stats)

@@ -184,9 +184,10 @@ class GPTDraft:
     cache holds the class and the committed tokens up to n - 3 (length n - 1) and it reads tokens n - 2 and
     n - 1 (at the very first pass: length 1, token 0 alone)."""
 
-    def __init__(self, model, labels, max_len, settings, compile=False):
-        self.guided = GuidedModel(model, labels, **settings, max_len=max_len, compile=compile)
+    def __init__(self, model, labels, max_len, settings, static=False):
+        self.guided = GuidedModel(model, labels, **settings, max_len=max_len, static=static)
         self.feed = 1
+        self.passes = 0  # drafter calls (the sampler adds gamma per pass)
 
     def __enter__(self):
         self.guided.__enter__()
@@ -195,15 +196,13 @@ class GPTDraft:
     def __exit__(self, *exc):
         self.guided.__exit__(*exc)
 
-    @property
-    def passes(self) -> int:
-        return self.guided.passes
-
     def start(self, rows: Rows, target_hidden: torch.Tensor) -> None:
         self.guided.prefill()
+        self.passes += 1
 
-    def propose(self, rows: Rows, gamma: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> drafts (B, gamma) of tokens n .. n + gamma - 1 and their distributions q (B, gamma, V)."""
+    def propose(self, rows: Rows, gamma: int, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uniforms (B, gamma) -> drafts (B, gamma) of tokens n .. n + gamma - 1 and their distributions q
+        (B, gamma, V)."""
         offsets = torch.arange(-self.feed, 0, device=rows.count.device)
         probs, _ = self.guided.decode(rows.at(offsets), rows.count - self.feed + 1)  # last: token n
         q_k = probs[:, -1]
@@ -211,7 +210,7 @@ class GPTDraft:
         for k in range(gamma):
             if k > 0:
                 q_k = self.guided.decode(drafts[-1][:, None], rows.count + k)[0][:, 0]
-            drafts.append(sample_probs(q_k, generator))
+            drafts.append(sample_probs(q_k, uniform=uniforms[:, k]))
             q.append(q_k)
         self.feed = 2
         return torch.stack(drafts, 1), torch.stack(q, 1)
@@ -227,24 +226,15 @@ class EagleDraft:
     """The EAGLE drafter (generators/eagle.py) on the target's features, with its own per-row KV cache:
     draft position i holds the pair (token i, f_i), f_i the target's hidden state that predicted token i."""
 
-    def __init__(self, drafter: EagleDrafter, target: GuidedModel, max_len: int, compile: bool = False):
-        self.drafter, self.target, self.max_len, self.compile = drafter, target, max_len, compile
+    def __init__(self, drafter: EagleDrafter, target: GuidedModel, max_len: int, static: bool = False):
+        self.drafter, self.target, self.max_len, self.static = drafter, target, max_len, static
         self.was_training = drafter.training
-        self.passes = 0
+        self.passes = 0  # drafter calls (the sampler adds gamma per pass)
 
     def __enter__(self):
         self.drafter.eval()
-        self.drafter.setup_cache(self.target.labels.shape[0], max_len=self.max_len, static=self.compile)
-        device = self.target.labels.device
-        self._step = compile_step(self._draft_step, device) if self.compile else self._draft_step
+        self.drafter.setup_cache(self.target.labels.shape[0], max_len=self.max_len, static=self.static)
         return self
-
-    def _draft_step(self, tokens, features, column, first_index):
-        """Pairs (tokens (B, T), features (B*, T, D)) appended; the prediction at `column` (B*,) -> that
-        predicted feature (B*, D) and the guided distribution (B, V) of token first_index it gives."""
-        predicted = self.drafter.decode(self.target.stack(tokens), features)  # (B*, T, D)
-        feature = predicted[torch.arange(predicted.shape[0], device=predicted.device), column]
-        return feature, self.target.probs(feature[:, None], first_index)[:, 0]
 
     def __exit__(self, *exc):
         self.drafter.clear_cache()
@@ -256,21 +246,27 @@ class EagleDraft:
         self.last = torch.zeros_like(rows.count)  # the column of the last true pair
         self.true_length: int | torch.Tensor = 0  # drafter positions holding pairs of committed tokens
 
-    def propose(self, rows: Rows, gamma: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draft(self, tokens, features, column, first_index):
+        """Pairs (tokens (B, T), features (B*, T, D)) appended; the prediction at `column` (B*,) -> that
+        predicted feature (B*, D) and the guided distribution (B, V) of token first_index it gives."""
+        predicted = self.drafter.decode(self.target.stack(tokens), features)  # (B*, T, D)
+        feature = predicted[torch.arange(predicted.shape[0], device=predicted.device), column]
+        return feature, self.target.probs(feature[:, None], first_index)[:, 0]
+
+    def propose(self, rows: Rows, gamma: int, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, features = self.pairs
         self._truncate(self.true_length)
         # the pairs of the committed tokens (W wide, padded); the last true pair predicts token n
-        feature, q_k = self._step(tokens, features, self.target.stack(self.last), rows.count)
+        feature, q_k = self._draft(tokens, features, self.target.stack(self.last), rows.count)
         self.true_length = rows.lengths()  # pairs 0 .. n - 1 hold committed tokens; drop the padding
         self._truncate(self.true_length)
         column = torch.zeros_like(self.target.stack(self.last))
         drafts, q = [], []
         for k in range(gamma):
             if k > 0:  # the drafter's own (draft, predicted feature) pair predicts token n + k
-                feature, q_k = self._step(drafts[-1][:, None], feature[:, None], column, rows.count + k)
-            drafts.append(sample_probs(q_k, generator))
+                feature, q_k = self._draft(drafts[-1][:, None], feature[:, None], column, rows.count + k)
+            drafts.append(sample_probs(q_k, uniform=uniforms[:, k]))
             q.append(q_k)
-        self.passes += gamma
         return torch.stack(drafts, 1), torch.stack(q, 1)
 
     def _truncate(self, lengths: int | torch.Tensor) -> None:
@@ -316,8 +312,9 @@ def sample_speculative(
 
     gamma: drafts per pass and row. acceptance "exact" or "lantern" (needs `neighbours` (V, k) from
     `latent_neighbours`; lantern_delta, or lantern_lambda for LANTERN++'s bound (lambda - 1) * p(x)).
-    compile: target and drafter steps through torch.compile on static caches. Both models run in eval mode
-    on the target's device (their modes are restored afterwards); `generator` must live on that device.
+    compile: each pass (drafting, verification, commit) through torch.compile on static caches, its random
+    numbers drawn before it. Both models run in eval mode on the target's device (their modes are restored
+    afterwards); `generator` must live on that device.
     """
     num_tokens = check_num_tokens(model, num_tokens)
     cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule)  # rejects an unknown schedule up front
@@ -360,14 +357,27 @@ def sample_speculative(
         top_p=top_p,
     )
     max_len = num_tokens + gamma + 1  # windows padded past the last token
-    rows = Rows(labels.shape[0], num_tokens, gamma + 1, device)
+    rows = Rows(labels.shape[0], num_tokens, gamma + 1, device, host_lengths=not compile)
     counters = DecodeCounters(device)
     start = time.perf_counter()
-    with GuidedModel(model, labels, **settings, max_len=max_len, compile=compile) as target:
+    with GuidedModel(model, labels, **settings, max_len=max_len, static=compile) as target:
         if eagle:
-            drafter = EagleDraft(draft, target, max_len, compile)
+            drafter = EagleDraft(draft, target, max_len, static=compile)
         else:
-            drafter = GPTDraft(draft, labels, max_len, settings, compile)
+            drafter = GPTDraft(draft, labels, max_len, settings, static=compile)
+
+        def one_pass(uniforms: torch.Tensor):
+            """Draft, verify and commit for every row; uniforms (B, 2 gamma + 1): the pass's draws."""
+            limit = (num_tokens - 1 - rows.count).clamp(max=gamma)  # drafts each row may test
+            drafts, q = drafter.propose(rows, gamma, uniforms[:, :gamma])  # (B, gamma), (B, gamma, V)
+            window = torch.cat([rows.last(), drafts], dim=1)  # (B, gamma + 1): tokens n-1 .. n+gamma-1
+            p, hidden = target.decode(window, rows.count)  # (B, gamma + 1, V): tokens n .. n + gamma
+            first, new, tested = verify(p, q, drafts, limit, uniforms[:, gamma:], relax)
+            rows.commit(window, first, new)
+            counters.add(first, tested)
+            return hidden, first
+
+        step = compile_step(one_pass, device) if compile else one_pass
         with drafter:
             probs, hidden = target.prefill()
             rows.start(sample_probs(probs[:, 0], generator))
@@ -375,13 +385,10 @@ def sample_speculative(
             model_batch = target.labels.shape[0]
             rows.advance(target.passes)
             while rows.running:
-                limit = (num_tokens - 1 - rows.count).clamp(max=gamma)  # drafts each row may test
-                drafts, q = drafter.propose(rows, gamma, generator)  # (B, gamma), (B, gamma, V)
-                window = torch.cat([rows.last(), drafts], dim=1)  # (B, gamma + 1): tokens n-1 .. n+gamma-1
-                p, hidden = target.decode(window, rows.count)  # (B, gamma + 1, V): tokens n .. n + gamma
-                first, new, tested = verify(p, q, drafts, limit, generator, relax)
-                rows.commit(window, first, new)
-                counters.add(first, tested)
+                uniforms = torch.rand(rows.running, 2 * gamma + 1, device=device, generator=generator)
+                hidden, first = step(uniforms)
+                target.passes += 1
+                drafter.passes += gamma
                 keep = rows.advance(target.passes)  # the pass's one host synchronisation
                 if not rows.running:
                     break
