@@ -110,6 +110,7 @@ def parse_args(argv=None):
     add("--pass-cost-k", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="k of the GPT-B pass table")
     add("--pass-cost-repeats", type=int, default=3)
     add("--skip-pass-cost", action="store_true", help="no GPT-B pass table and projection (quick runs)")
+    add("--compile", action="store_true", help="also time every method with compile=true (torch.compile)")
     add(
         "--eval",
         nargs="*",
@@ -144,7 +145,7 @@ class Method:
     name: str  # unique key of the JSON
     family: str  # the line it belongs to in the plot
     settings: dict  # what the table and JSON show
-    sample: callable  # (labels, generator) -> SampleResult
+    sample: callable  # (labels, generator, compile=False) -> SampleResult
     exact: bool  # samples the target's own distribution
     window: int = 1  # tokens per target pass (its verification width)
     drafter: str | None = None  # gpt | eagle
@@ -170,14 +171,18 @@ def build_methods(args, target, draft, eagle, tokenizer) -> list[Method]:
         return tokenizer_neighbours(args.tokenizer, k, tokenizer=tokenizer).to(args.device)
 
     def spec(drafter, **kw):
-        return lambda labels, gen: sample_speculative(
-            target, drafter, labels, gamma=gamma, generator=gen, **guidance, **kw
+        return lambda labels, gen, compile=False: sample_speculative(
+            target, drafter, labels, gamma=gamma, generator=gen, compile=compile, **guidance, **kw
         )
 
     def jacobi(**kw):
-        return lambda labels, gen: sample_jacobi(target, labels, generator=gen, **guidance, **kw)
+        return lambda labels, gen, compile=False: sample_jacobi(
+            target, labels, generator=gen, compile=compile, **guidance, **kw
+        )
 
-    ar = lambda labels, gen: sample_ar(target, labels, generator=gen, **guidance)
+    ar = lambda labels, gen, compile=False: sample_ar(
+        target, labels, generator=gen, compile=compile, **guidance
+    )
     spec_window = dict(window=gamma + 1)
     methods = [Method("ar", "ar", {"kv_cache": True}, ar, exact=True)]
     methods.append(
@@ -321,18 +326,18 @@ def time_methods(
             generator = torch.Generator(device=args.device).manual_seed(
                 batch_seed(args.seeds[0], chunk.start)
             )
-            result = method.sample(labels[chunk.start : chunk.stop], generator)
+            result = method.sample(labels[chunk.start : chunk.stop], generator, compile=compile)
             elapsed += result.stats["wall_time"]
             weighted.append((result.stats, len(chunk)))
         return elapsed, mean_stats(weighted)
 
-    for method in methods:  # warm-up: one batch each
-        generator = torch.Generator(device=args.device).manual_seed(batch_seed(args.seeds[0], 0))
-        method.sample(labels[:batch], generator)
+    for method in methods:  # warm-up: every batch once (compiles every shape a compiled run meets)
+        run(method)
     times = {m.name: [] for m in methods}
     stats = {}
     steps = [(r, m) for r in range(args.repeats) for m in methods]  # A B C ... A B C ...
-    for _, method in tqdm(steps, desc=f"timing batch {batch}", unit="run", leave=False):
+    desc = f"timing batch {batch}" + (" (compiled)" if compile else "")
+    for _, method in tqdm(steps, desc=desc, unit="run", leave=False):
         elapsed, stats[method.name] = run(method)
         times[method.name].append(elapsed)
     baseline = statistics.median(times["ar"])
@@ -506,13 +511,18 @@ def markdown(report: dict) -> str:
     batch_sizes = s["batch_sizes"]
     header = ["method", "settings"]
     header += [f"passes/image b{b}" for b in batch_sizes] + ["tokens/pass b1", "acceptance"]
-    header += [f"speed-up b{b}" for b in batch_sizes] + ["gFID", "cond. acc.", "within noise?"]
+    header += [f"speed-up b{b}" for b in batch_sizes]
+    compiled = s.get("compile", False)
+    if compiled:
+        header += [f"compiled b{b}" for b in batch_sizes]
+    header += ["gFID", "cond. acc.", "within noise?"]
     lines = [
         f"Decoding methods on {s['generator']} (drafters {s['draft']}, {s['eagle']}; tokenizer "
         f"{s['tokenizer']}): cfg {s['cfg_scale']}, {s['num_samples']} samples per method (batch "
         f"{s['sample_batch_size']}) against {report['reference']}; "
         f"gFID = fid[{report['feature_extractor']}]. "
-        f"Speed-up = median sampler wall time of ar / the method's at that batch size "
+        f"Speed-up = median sampler wall time of ar / the method's at that batch size (compiled: both "
+        f"with compile=true) "
         f"({report['environment']['device']}, {report['environment']['torch_threads']} thread(s)). Noise "
         f"floor: plain decoding at seeds {floor['seeds']} gives gFID "
         f"{', '.join(f'{g:.2f}' for g in floor['gfid'])}, spread {floor['spread']:.2f}.",
@@ -531,6 +541,8 @@ def markdown(report: dict) -> str:
             cells.append(passes)
         cells += [f"{first['tokens_per_pass']:.2f}", fmt(first.get("acceptance"), ".2f")]
         cells += [f"{by_batch[str(b)]['speedup_wall']:.2f}x" for b in batch_sizes]
+        if compiled:
+            cells += [f"{by_batch[str(b)]['compiled']['speedup_wall']:.2f}x" for b in batch_sizes]
         cells += [f"{m['gfid']:.2f}", fmt(m["cond_accuracy"], ".3f"), m["within_noise"]]
         lines.append("| " + " | ".join(cells) + " |")
     if "step_cost" in report:
@@ -641,6 +653,7 @@ def results_file(report: dict) -> dict:
                     "draft_passes_per_image": measured.get("draft_passes_per_image"),
                     "speedup_wall": measured["speedup_wall"],
                     "images_per_s": measured["images_per_s"],
+                    "speedup_wall_compiled": measured.get("compiled", {}).get("speedup_wall"),
                     "gfid": m["gfid"],
                     "gfid_minus_ar": m["gfid_minus_ar"],
                     "within_noise": m["within_noise"],
@@ -705,8 +718,17 @@ def run(args) -> dict:
     for batch, rows in zip(args.batch_sizes, args.timing_rows, strict=True):
         rows = math.ceil(rows / batch) * batch
         timings = time_methods(methods, batch, rows, num_classes, target.num_tokens, args)
+        compiled = (
+            time_methods(methods, batch, rows, num_classes, target.num_tokens, args, True)
+            if args.compile
+            else {}
+        )
         for method in methods:
-            method.results.setdefault("batches", {})[str(batch)] = timings[method.name]
+            entry = timings[method.name]
+            if compiled:
+                keys = ("wall_time", "wall_times", "images_per_s", "speedup_wall")
+                entry["compiled"] = {key: compiled[method.name][key] for key in keys}
+            method.results.setdefault("batches", {})[str(batch)] = entry
 
     def count(model):
         return sum(p.numel() for p in model.parameters())

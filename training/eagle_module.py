@@ -2,15 +2,27 @@
 GPT's own features over the extracted codes.
 
 Per batch of codes (B, N) the frozen target, teacher-forced, gives its final-normed hidden states
-f_0 .. f_{N-1} (f_i predicts token i) and its next-token distributions; labels are dropped with the target's
-own label_dropout, so the drafter also learns the unconditional features guidance runs on. The drafter
-reads the pairs (token i, f_i + noise) for i = 0 .. N-2 and predicts f^_{i+1}:
+f_0 .. f_{N-1} (f_i predicts token i) and its next-token distributions p. The drafter reads the pairs
+(token i, f_i + noise) for i = 0 .. N-2 and predicts f^_{i+1}:
 
-    loss = smooth_l1(f^_{i+1}, f_{i+1}) + ce_weight * CE(softmax(head(f_{i+1})), head(f^_{i+1}))
+    loss = smooth_l1(f^_{i+1}, f_{i+1}) + ce_weight * CE(p_{i+1}, softmax(head(f^_{i+1})))
 
 with the target's frozen head, and uniform noise of std `noise_std` on the input features (EAGLE's recipe).
-Validation reports the loss and `val/acceptance`: the mean of sum_x min(p(x), q(x)) over positions, the
-probability that exact speculative sampling accepts a one-step draft (what the drafter is for).
+Two additions, both aimed at what sampling does with the drafter (deliberate choices beyond EAGLE-1):
+
+- guidance_scale s != 1: every sequence runs with its class and with the null class (the two halves of a
+  guided batch), the loss above is averaged over both, and a third term, ce_weight * CE(p_s, q_s), compares
+  the guided distributions p_s = softmax(l_u + s (l_c - l_u)) of target and drafter: speculative sampling
+  at guidance s accepts by q_s, so that is the distribution the drafter must match (the halves' own
+  errors add up through the 2 l_c - l_u of s = 2).
+- unroll k > 1: the drafter is also run on its own predictions, k - 1 times: pass j reads (token i,
+  f^(j-1)_i) where pass 1 read (token i, f_i), and every pass is trained towards the true next feature.
+  Drafting gamma tokens feeds the drafter its own features for every draft after the first; trained only
+  on true features (EAGLE-1) its later drafts are accepted less (EAGLE-3's training-time test, here in its
+  simplest, parallel form: every earlier position of pass j also holds a prediction).
+
+Validation reports the loss and `val/acceptance`: the mean over positions of sum_x min(p(x), q(x)) (of the
+guided distributions when s != 1), the probability that exact speculative sampling accepts a one-step draft.
 
 The target is loaded from `target_path` (an exported GPT) and kept out of the checkpoint; the export is the
 drafter alone (config.json records the target's config, which `bind` checks at sampling time).
@@ -42,10 +54,14 @@ class EagleModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         noise_std: float = 0.2,
         ce_weight: float = 0.1,
+        guidance_scale: float = 1.0,
+        unroll: int = 1,
     ):
         super().__init__()
         if noise_std < 0 or ce_weight < 0:
             raise ValueError(f"module.noise_std={noise_std}, module.ce_weight={ce_weight}; expected >= 0")
+        if unroll < 1:
+            raise ValueError(f"module.unroll={unroll}; expected >= 1 drafter passes per training step")
         target = from_pretrained(target_path).requires_grad_(False).eval()
         if not hasattr(target, "forward_prefix"):
             raise ValueError(f"module.target_path={target_path} is not an exported GPT")
@@ -54,6 +70,7 @@ class EagleModule(L.LightningModule):
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.noise_std, self.ce_weight = noise_std, ce_weight
+        self.guidance_scale, self.unroll = guidance_scale, unroll
 
     @property
     def target(self):
@@ -84,21 +101,36 @@ class EagleModule(L.LightningModule):
     def losses(self, tokens: torch.Tensor, labels: torch.Tensor, noise: bool) -> dict[str, torch.Tensor]:
         """tokens (B, N), labels (B,) -> regression, cross-entropy, total loss and acceptance (scalars)."""
         target = self.target.to(tokens.device)
+        guided = self.guidance_scale != 1.0
         with torch.no_grad():
-            if noise and target.label_dropout > 0:  # the unconditional features guidance needs
+            if guided:  # the conditional and unconditional halves of a guided batch
+                labels = torch.cat([labels, torch.full_like(labels, target.null_class)])
+                tokens = torch.cat([tokens, tokens])
+            elif noise and target.label_dropout > 0:  # the unconditional features guidance needs
                 drop = torch.rand(labels.shape, device=labels.device) < target.label_dropout
                 labels = labels.masked_fill(drop, target.null_class)
-            features = target.forward_prefix(tokens[:, :-1], labels)  # (B, N, D): f_0 .. f_{N-1}
-            p = target.logits(features[:, 1:]).float().softmax(-1)  # (B, N-1, V): tokens 1 .. N-1
+            features = target.forward_prefix(tokens[:, :-1], labels)  # (B*, N, D): f_0 .. f_{N-1}
+            p_logits = target.logits(features[:, 1:]).float()  # (B*, N-1, V): tokens 1 .. N-1
         inputs = features[:, :-1]
-        if noise and self.noise_std > 0:
-            half_width = self.noise_std * math.sqrt(3.0)  # U(-a, a) has std a / sqrt(3)
-            inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * half_width
-        predicted = self.drafter(tokens[:, :-1], inputs)  # (B, N-1, D): f^_1 .. f^_{N-1}
-        regression = F.smooth_l1_loss(predicted.float(), features[:, 1:].float())
-        log_q = self.drafter.logits(predicted).float().log_softmax(-1)
-        cross_entropy = -(p * log_q).sum(-1).mean()
-        acceptance = torch.minimum(p, log_q.exp()).sum(-1).mean()
+        regression = cross_entropy = 0.0
+        one_step = None  # (p, q) logits of the first pass: the acceptance of a one-step draft
+        for _ in range(self.unroll):
+            if noise and self.noise_std > 0:
+                half_width = self.noise_std * math.sqrt(3.0)  # U(-a, a) has std a / sqrt(3)
+                inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * half_width
+            predicted = self.drafter(tokens[:, :-1], inputs)  # (B*, N-1, D): f^_1 .. f^_{N-1}
+            q_logits = self.drafter.logits(predicted).float()
+            regression = regression + F.smooth_l1_loss(predicted.float(), features[:, 1:].float())
+            cross_entropy = cross_entropy + soft_cross_entropy(p_logits, q_logits)
+            pair = (p_logits, q_logits)
+            if guided:
+                pair = (self.guide(p_logits), self.guide(q_logits))
+                cross_entropy = cross_entropy + soft_cross_entropy(*pair)
+            one_step = one_step or pair
+            # the next pass reads this one's predictions (position 0 keeps the true f_0)
+            inputs = torch.cat([features[:, :1], predicted[:, :-1]], dim=1)
+        regression, cross_entropy = regression / self.unroll, cross_entropy / self.unroll
+        acceptance = torch.minimum(one_step[0].softmax(-1), one_step[1].softmax(-1)).sum(-1).mean()
         total = regression + self.ce_weight * cross_entropy
         return {
             "loss": total,
@@ -106,6 +138,11 @@ class EagleModule(L.LightningModule):
             "cross_entropy": cross_entropy,
             "acceptance": acceptance,
         }
+
+    def guide(self, logits: torch.Tensor) -> torch.Tensor:
+        """Stacked [conditional; unconditional] logits (2B, ...) -> guided logits (B, ...)."""
+        cond, uncond = logits.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
 
     def training_step(self, batch, batch_idx):
         losses = self.losses(batch["tokens"], batch["label"], noise=True)
@@ -127,3 +164,8 @@ class EagleModule(L.LightningModule):
 
     def export_model(self) -> torch.nn.Module:
         return self.drafter
+
+
+def soft_cross_entropy(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of CE(softmax(target_logits), softmax(logits))."""
+    return -(target_logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
