@@ -200,9 +200,10 @@ class Rows:
         return kept
 
 
-def acceptance_ratio(p_x: torch.Tensor, q_x: torch.Tensor) -> torch.Tensor:
-    """Accept when u < p(x) / q(x), u ~ U[0, 1): probability min(1, p(x) / q(x))."""
-    return p_x / q_x
+def accepts(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The speculative test: accept when u < p(x) / q(x), u ~ U[0, 1), with probability min(1, p(x) /
+    q(x)); written u q(x) < p(x), which needs no division (a drawn draft has q(x) > 0)."""
+    return u * q_x < p_x
 
 
 def verify(p, q, drafts, limit, uniforms, relax=None, groups=None):
@@ -227,8 +228,7 @@ def verify(p, q, drafts, limit, uniforms, relax=None, groups=None):
     else:
         members = groups[drafts]  # (B, W, G)
         p_x, q_x = target.gather(-1, members).sum(-1), q.gather(-1, members).sum(-1)
-    ratio = acceptance_ratio(p_x, q_x.clamp_min(1e-30))  # a drawn draft has q(x) > 0
-    accept = (uniforms[:, :width] < ratio) & (torch.arange(width, device=p.device) < limit[:, None])
+    accept = accepts(p_x, q_x, uniforms[:, :width]) & (torch.arange(width, device=p.device) < limit[:, None])
     first = accept.long().cumprod(dim=1).sum(dim=1)  # (B,) in [0, limit]
     rejected = first < limit
     bonus = p[rows, first]  # (B, V): p after the last accepted draft

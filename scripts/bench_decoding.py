@@ -314,9 +314,16 @@ def quality(images, labels, path: Path, eval_cfg, extractor, weights, device) ->
 
 # ----------------------------------------------------------------------------- timing
 def time_methods(
-    methods: list[Method], batch: int, rows: int, num_classes: int, num_tokens: int, args
+    methods: list[Method],
+    batch: int,
+    rows: int,
+    num_classes: int,
+    num_tokens: int,
+    args,
+    compile: bool = False,
 ) -> dict:
-    """Median sampler wall time over interleaved repeats of every method on the same labels and seeds."""
+    """Median sampler wall time over interleaved repeats of every method on the same labels and seeds
+    (compile: every sampler with compile=True, after a warm-up that compiles it)."""
     labels = class_balanced_labels(rows, num_classes).to(args.device)
     chunks = batches(rows, batch)
 

@@ -145,3 +145,29 @@ def test_every_method_is_measured_and_reported(workspace, tmp_path):
 def test_a_missing_export_is_a_one_line_error(workspace, tmp_path):
     with pytest.raises(SystemExit, match=r"--draft .*train.py \+experiment=gpt_draft_quickstart"):
         main(arguments(workspace, tmp_path / "bench", tmp_path / "no_draft"))
+
+
+def test_compiled_timing_runs_every_sampler_compiled(workspace, monkeypatch):
+    """--compile times each method with compile=True: checked on ar alone (compiling every method of the
+    bench would take a minute of the suite)."""
+    from scripts import bench_decoding
+
+    seen = []
+    method = bench_decoding.Method(
+        "ar", "ar", {}, lambda labels, gen, compile=False: seen.append(compile) or RESULT, True
+    )
+    args = bench_decoding.parse_args(["--repeats=2", "--seeds", "0", "1", "--device=cpu"])
+    timings = bench_decoding.time_methods([method], 2, 4, 17, NUM_TOKENS, args, compile=True)
+    assert set(seen) == {True} and timings["ar"]["speedup_wall"] == 1.0 and timings["ar"]["rows"] == 4
+
+
+class _Result:
+    stats = {
+        "wall_time": 0.01,
+        "forward_passes": NUM_TOKENS,
+        "passes_per_row": NUM_TOKENS,
+        "tokens_per_pass": 1.0,
+    }
+
+
+RESULT = _Result()

@@ -76,7 +76,7 @@ def test_speculative_decoding_with_eagle_matches_the_target(target, name):
 
 
 def test_accepting_every_eagle_draft_fails_the_same_test(target, monkeypatch):
-    monkeypatch.setattr(engine, "acceptance_ratio", lambda p_x, q_x: torch.ones_like(p_x))
+    monkeypatch.setattr(engine, "accepts", lambda p_x, q_x, u: torch.ones_like(u, dtype=torch.bool))
     labels = torch.ones(ROWS, dtype=torch.long)
     result = sample_speculative(target, drafter_for(target), labels, gamma=3, generator=seeded(1))
     assert chi_square_pvalue(result.tokens, sequence_probabilities(target, 1)) < 1e-6

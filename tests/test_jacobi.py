@@ -114,7 +114,7 @@ def test_ragged_batches_match_each_rows_distribution(target):
 
 @pytest.mark.parametrize("init", ["uniform", "copy_left"])
 def test_accepting_every_draft_fails_the_same_test(target, init, monkeypatch):
-    monkeypatch.setattr(engine, "acceptance_ratio", lambda p_x, q_x: torch.ones_like(p_x))
+    monkeypatch.setattr(engine, "accepts", lambda p_x, q_x, u: torch.ones_like(u, dtype=torch.bool))
     result = sample_jacobi(target, torch.ones(ROWS, dtype=torch.long), init=init, generator=seeded(2))
     assert result.stats["acceptance_rate"] == 1.0
     assert chi_square_pvalue(result.tokens, sequence_probabilities(target, 1)) < 1e-6

@@ -296,7 +296,7 @@ def test_ragged_batches_match_each_rows_distribution(models):
 
 def test_accepting_every_draft_fails_the_same_test(models, monkeypatch):
     target, draft = models
-    monkeypatch.setattr(engine, "acceptance_ratio", lambda p_x, q_x: torch.ones_like(p_x))
+    monkeypatch.setattr(engine, "accepts", lambda p_x, q_x, u: torch.ones_like(u, dtype=torch.bool))
     result = sample_speculative(
         target, draft, torch.ones(ROWS, dtype=torch.long), gamma=3, generator=seeded(1)
     )
