@@ -4,6 +4,7 @@ cached decoding at batch 1 and 16, sample quality with its seed noise, and where
     python scripts/bench_decoding.py    # gpt_quickstart; drafters gpt_draft_quickstart, eagle_quickstart
     python scripts/bench_decoding.py --results docs/results/decoding.json     # the README's data
     python scripts/bench_decoding.py --num-samples 68 --timing-rows 4 --repeats 2 --skip-pass-cost  # quick
+    python scripts/bench_decoding.py --replot docs/results/decoding.json --out docs  # tables + plot again
 
 Methods (sampling/): ar (plain autoregressive decoding with the KV cache, the baseline); speculative with
 the small-GPT drafter (--draft) and with the EAGLE drafter (--eagle), --gamma drafts per pass; LANTERN with
@@ -35,7 +36,8 @@ The numbers (decoding.json, and the README's docs/results/decoding.json with --r
    batch: a projection from measured pieces, not a measurement.
 
 Writes decoding.json, decoding.md (tables) and decoding.png (speed-up against gFID at each batch size) to
---out, and with --results also the committed data file. CPU runs use one thread unless --threads says so.
+--out, and with --results also the committed data file; --replot redraws decoding.md and decoding.png
+from such a file without running anything. CPU runs use one thread unless --threads says so.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def parse_args(argv=None):
     )
     add("--out", default="runs/bench/decoding")
     add("--results", default=None, help="also write the rows, pass costs and projection here (JSON)")
+    add("--replot", default=None, metavar="RESULTS", help="only redraw decoding.{md,png} from --results")
     add(
         "--threads",
         type=int,
@@ -667,6 +670,8 @@ def results_file(report: dict) -> dict:
                     "is": m["is"],
                     "cond_accuracy": m["cond_accuracy"],
                     "exact": m["exact"],
+                    "window": m["window"],
+                    "sweep": m["sweep"],
                 }
             )
     keys = ("settings", "environment", "feature_extractor", "reference", "noise_floor", "step_cost")
@@ -676,6 +681,49 @@ def results_file(report: dict) -> dict:
         if key in report:
             out[key] = report[key]
     return out
+
+
+def report_from_results(results: dict) -> dict:
+    """The inverse of results_file, as far as markdown() and plot() read it."""
+    report = {key: value for key, value in results.items() if key != "rows"}
+    report["methods"] = {}
+    for row in results["rows"]:
+        method = report["methods"].setdefault(
+            row["method"],
+            {key: row[key] for key in ("family", "drafter", "settings", "exact", "window", "sweep")}
+            | {key: row[key] for key in ("gfid", "is", "cond_accuracy", "gfid_minus_ar", "within_noise")}
+            | {"batches": {}},
+        )
+        measured = {key: row[key] for key in row if key in PER_BATCH}
+        if row.get("speedup_wall_compiled") is not None:
+            measured["compiled"] = {"speedup_wall": row["speedup_wall_compiled"]}
+        method["batches"][str(row["batch"])] = measured
+    return report
+
+
+PER_BATCH = (
+    "passes_per_image",
+    "tokens_per_pass",
+    "acceptance",
+    "draft_passes_per_image",
+    "speedup_wall",
+    "images_per_s",
+)
+
+
+def replot(path: str, out: Path) -> dict:
+    try:
+        results = json.loads(Path(path).read_text())
+        report = report_from_results(results)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"error: --replot {path} is not a bench_decoding --results file: {error}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(report)
+    (out / "decoding.md").write_text(table)
+    plot(report, out / "decoding.png")
+    print(table, end="")
+    print(f"written: {out}/decoding.{{md,png}} from {path}")
+    return report
 
 
 # ----------------------------------------------------------------------------- main
@@ -799,6 +847,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.replot:
+        return replot(args.replot, Path(args.out))
     try:
         return run(args)
     except (ConfigError, FileNotFoundError) as error:

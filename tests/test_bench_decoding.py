@@ -141,6 +141,11 @@ def test_every_method_is_measured_and_reported(workspace, tmp_path):
     assert all(keys | {"cond_accuracy", "exact"} <= row.keys() for row in results["rows"])
     assert {"pass_cost", "projection", "noise_floor"} <= results.keys()
 
+    # the committed data alone redraws the same table and a plot
+    main(["--replot", str(out / "results.json"), f"--out={tmp_path / 'replot'}"])
+    assert (tmp_path / "replot" / "decoding.md").read_text() == table
+    assert (tmp_path / "replot" / "decoding.png").stat().st_size > 0
+
 
 def test_a_missing_export_is_a_one_line_error(workspace, tmp_path):
     with pytest.raises(SystemExit, match=r"--draft .*train.py \+experiment=gpt_draft_quickstart"):
