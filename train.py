@@ -4,7 +4,9 @@ The experiment file picks the data, the model and the trainer; every object is b
 config's `_target_`. The run folder (`paths.run_dir`, default `runs/<experiment>`) receives the resolved
 config, checkpoints (`checkpoints/last.ckpt`), sample grids, the exported model (`export/`) and
 `metrics.json`. Running the same command again resumes from `last.ckpt` (this is what a requeued SLURM job
-does); a different config in the same folder is refused instead of silently mixed in.
+does) exactly where the run stopped: its random states and data position are in the checkpoint, so a killed
+and resumed run ends with the weights of an uninterrupted one (training/checkpoints.py). A different config
+in the same folder is refused instead of silently mixed in.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from training.callbacks import ImageGrids, Throughput
+from training.checkpoints import AtomicCheckpointIO, RandomStates
 from training.config import ConfigError, check_run_dir, compose_config, save_run_config
 
 # Lightning warns that manual-optimisation checkpoints hold the post-step weights: that is what we want.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# Lightning only knows stateful DataLoaders; the data modules resume their own position (ResumableData).
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -46,9 +51,13 @@ def run(cfg: DictConfig) -> dict:
             module.check_data(datamodule)
         except ValueError as error:
             raise ConfigError(str(error)) from error
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    # Exact resume is not optional: every run saves its random states and writes checkpoints atomically.
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [RandomStates()]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [AtomicCheckpointIO()]
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins, default_root_dir=str(run_dir)
+    )
     if trainer.is_global_zero:  # only once everything was built: a failed start leaves no config behind
         save_run_config(cfg, run_dir)
 

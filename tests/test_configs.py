@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 
 from training.config import ConfigError, check_run_dir, compose_config, group_options, save_run_config
@@ -85,7 +86,11 @@ def test_experiment_composes_and_instantiates(name, vgg_file, vae_folder, fq_tea
         cfg = compose_config(overrides + [o for o in posttrain_exports if o.split("=")[0][7:] in keys])
     assert cfg.name == name, "an experiment's `name` must equal its file name (it names the run folder)"
     assert cfg.paths.run_dir == f"runs/{name}"
-    if "codes_dir" not in cfg.data:  # stage 2 reads codes that a stage-1 run extracts (test_pipeline.py)
+    if "train_shards" in cfg.data and not Path(cfg.data.train_shards.split("{")[0]).parent.is_dir():
+        # ImageNet shards are not on this machine: the data module says so before any training
+        with pytest.raises(InstantiationException, match=r"data.train_shards=.* matches no file"):
+            instantiate(cfg.data)
+    elif "codes_dir" not in cfg.data:  # stage 2 reads codes that a stage-1 run extracts (test_pipeline.py)
         assert instantiate(cfg.data).num_classes > 0
     with torch.device("cpu" if posttrain else "meta"):  # the published sizes, without allocating weights
         module = instantiate(cfg.module)
@@ -162,9 +167,9 @@ def test_resume_picks_the_newest_checkpoint(tmp_path):
     cfg = compose_config(["+experiment=titok_quickstart"])
     (tmp_path / "checkpoints").mkdir()
     last, hpc = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt"
-    last.write_bytes(b"")
+    torch.save({"global_step": 1}, last)
     assert check_run_dir(cfg, tmp_path) == last
-    hpc.write_bytes(b"")  # a SLURM pre-emption checkpoint written after last.ckpt
+    torch.save({"global_step": 2}, hpc)  # a SLURM pre-emption checkpoint written after last.ckpt
     os.utime(last, (1, 1))
     assert check_run_dir(cfg, tmp_path) == hpc
 

@@ -15,10 +15,12 @@ from PIL import Image
 
 from training.data import (
     ClassFolderDataModule,
-    GlobalIdSampler,
+    ImageFiles,
+    KeySampler,
     PhotosDataModule,
     ShardsDataModule,
     load_photos,
+    scan_class_folder,
     to_tensor_image,
     to_uint8,
 )
@@ -88,7 +90,7 @@ def test_photo_epochs_differ_and_ranks_split():
     assert not torch.equal(first_batch(loader)["image"], epoch0)
     loader.sampler.set_epoch(0)
     assert torch.equal(first_batch(loader)["image"], epoch0)
-    ranks = [GlobalIdSampler(10, num_replicas=2, rank=r) for r in (0, 1)]
+    ranks = [KeySampler(10, num_replicas=2, rank=r) for r in (0, 1)]
     for sampler in ranks:
         sampler.set_epoch(3)
     ids = [list(sampler) for sampler in ranks]
@@ -158,6 +160,23 @@ def test_class_folder_skips_corrupt_file(tmp_path):
     assert torch.equal(first, dm.val_dataset[0]["image"])  # validation view is deterministic
 
 
+def test_class_folders_read_every_format_pillow_opens(tmp_path):
+    root = make_class_folder(tmp_path / "images", per_class=1, corrupt=False)
+    pixels = np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    for suffix in (".gif", ".tiff", ".tif", ".webp", ".bmp", ".JPG"):
+        Image.fromarray(pixels).save(
+            root / "cat" / f"extra{suffix}", format=Image.registered_extensions()[suffix.lower()]
+        )
+    (root / "cat" / "notes.txt").write_text("not an image")
+    _, files = scan_class_folder(root)
+    names = {Path(path).name for path, _ in files}
+    assert {f"extra{s}" for s in (".gif", ".tiff", ".tif", ".webp", ".bmp", ".JPG")} <= names
+    assert "notes.txt" not in names
+    dataset = ImageFiles(files, resolution=16, train=False)
+    assert all(dataset[i]["image"].shape == (3, 16, 16) for i in range(len(dataset)))
+    assert dataset.num_skipped == 0
+
+
 def test_class_folder_holdout_and_errors(tmp_path):
     root = make_class_folder(tmp_path / "images", per_class=10, corrupt=False)
     dm = ClassFolderDataModule(root=str(root), resolution=16, batch_size=2, val_fraction=0.3)
@@ -198,8 +217,8 @@ def test_write_shards(shards):
 
 
 def shard_module(pattern, **kw):
-    args = dict(val_shards=pattern, batches_per_epoch=3, num_classes=3, resolution=16, batch_size=4)
-    return ShardsDataModule(train_shards=pattern, **(args | kw))
+    args = dict(train_shards=pattern, val_shards=pattern, batches_per_epoch=3, num_classes=3)
+    return ShardsDataModule(**(args | dict(resolution=16, batch_size=4) | kw))
 
 
 def test_shards_train_ranks_get_equal_batches_from_different_shards(shards):
@@ -227,6 +246,35 @@ def test_shards_train_deterministic_and_epochs_differ(shards):
     assert not torch.equal(reference, run(1))
     assert not torch.equal(reference, run(0, epoch=1))
     assert len(run(0, num_workers=2)) == 3 * 4  # the epoch length is per rank, not per worker
+
+
+def test_missing_shards_stop_before_training_naming_the_setting(shards, tmp_path):
+    pattern = shards[0]
+    nowhere = str(tmp_path / "none-{000000..000003}.tar")
+    with pytest.raises(ValueError, match=r"data.train_shards=.* matches no file"):
+        shard_module(pattern, train_shards=nowhere)
+    with pytest.raises(ValueError, match=r"data.val_shards=.* matches no file"):
+        shard_module(pattern, val_shards=nowhere)
+    partly = pattern.replace("}", "").rsplit("..", 1)[0] + "..000099}.tar"  # the same shards and more
+    with pytest.raises(ValueError, match=r"data.train_shards=.* shards do not exist"):
+        shard_module(pattern, train_shards=partly)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_shards_resume_mid_epoch_where_the_run_stopped(shards, num_workers):
+    def batches(resume=None):
+        dm = shard_module(shards[0], rank=0, world_size=1, num_workers=num_workers, batches_per_epoch=5)
+        if resume is not None:
+            dm.load_state_dict({"epoch": 1, "batches": resume})
+        loader = dm.train_dataloader()
+        _set_sampler_epoch(loader, 1)
+        return [b["image"] for b in loader]
+
+    full = batches()
+    for trained in (1, 3):
+        resumed = batches(trained)
+        assert all(torch.equal(a, b) for a, b in zip(resumed, full[trained:], strict=False))
+        assert len(resumed) >= len(full) - trained
 
 
 def test_shards_val_split_across_ranks_is_disjoint_and_complete(shards):

@@ -10,6 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from training.checkpoints import resume_checkpoint
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # Settings that may change between a run and its resumption: a longer schedule, other hardware, workers.
@@ -85,8 +87,9 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
     """The checkpoint to resume from in `run_dir`, or None for a new run.
 
     A run folder whose saved config differs (beyond RESUMABLE_CHANGES) is an error: resuming it would
-    silently train another model. The newest of `checkpoints/last.ckpt` and Lightning's SLURM checkpoints
-    (`hpc_ckpt_N.ckpt`, written on SIGUSR1 before a requeue) wins.
+    silently train another model. The newest readable of `checkpoints/last.ckpt`, the one it replaced and
+    Lightning's SLURM checkpoints (`hpc_ckpt_N.ckpt`, written on SIGUSR1 before a requeue) wins
+    (training/checkpoints.py).
     """
     saved_file = run_dir / "config.yaml"
     if saved_file.is_file():
@@ -99,9 +102,7 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
                 f"{run_dir} holds a run with a different config ({shown} changed); to start fresh delete "
                 f"{run_dir} or pass paths.run_dir=<new folder>, to resume drop those overrides"
             )
-    checkpoints = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
-    checkpoints = [c for c in checkpoints if c.is_file()]
-    return max(checkpoints, key=lambda c: c.stat().st_mtime) if checkpoints else None
+    return resume_checkpoint(run_dir)
 
 
 def save_run_config(cfg: DictConfig, run_dir: Path) -> None:

@@ -30,9 +30,16 @@ import torch
 import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+def _readable_extensions() -> tuple[str, ...]:
+    """Every file extension of a format Pillow can open (not the write-only ones such as .pdf)."""
+    Image.init()
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+
+
+IMAGE_EXTENSIONS = _readable_extensions()  # .jpg .png .webp .gif .tif(f) .bmp ... read by class folders
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -91,17 +98,119 @@ def _rank_and_world_size(rank: int | None = None, world_size: int | None = None)
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
-    """Seeded shuffling, full batches only (uneven last batches hang DDP), workers kept across epochs."""
+def train_loader(
+    dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, seed: int
+) -> DataLoader:
+    """Full batches only (uneven last batches hang DDP), workers kept across epochs, and an explicit
+    generator: a DataLoader without one draws its workers' base seed from torch's global RNG at every epoch,
+    which would shift the training RNG of a resumed run (its iterator starts at another moment)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=True,
+        sampler=sampler,
         drop_last=True,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def val_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """In order, every sample; the explicit generator keeps the iterator off torch's global RNG."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+class ResumableData:
+    """Mixin of the map-style data modules: where in its epoch a run stopped, saved in every checkpoint.
+
+    Lightning stores a LightningDataModule's state_dict() in the checkpoint and hands it back to
+    load_state_dict() before it asks for the train dataloader; the module then makes its sampler skip the
+    batches the killed run had trained, so the resumed run's next batch is the one the killed run would have
+    trained next. `batch_progress.current.processed` counts this epoch's trained batches at the moment a
+    checkpoint is written (on_train_batch_end); Lightning's prefetched, untrained batch is not counted.
+    """
+
+    resume_at: tuple[int, int] | None = None  # (epoch, batches of it already trained)
+
+    def state_dict(self) -> dict:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        trained = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches": trained}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.resume_at = (int(state["epoch"]), int(state["batches"]))
+
+    def resumable_sampler(self, sampler: KeySampler, batch_size: int) -> KeySampler:
+        if self.resume_at is not None:
+            epoch, batches = self.resume_at
+            sampler.set_epoch(epoch)
+            sampler.skip_once(epoch, batches * batch_size)
+            self.resume_at = None
+        return sampler
+
+
+class KeySampler(DistributedSampler):
+    """Yields this rank's keys of epoch e: key = e * samples_per_epoch + i for i in [0, samples_per_epoch),
+    in order or in a permutation seeded by (seed, e). A dataset maps a key to its sample (key % length) and
+    to the randomness of its augmentation (seeded by the key), so sample k is the same in every run, on every
+    rank, whatever the workers and whenever the run was resumed.
+
+    Subclassing DistributedSampler makes Lightning keep it under DDP instead of injecting its own, and call
+    set_epoch on it each epoch. Every rank gets samples_per_epoch // world_size keys (the remainder is
+    dropped) so ranks stay in step. skip_once(epoch, n): the next iteration over that epoch starts at its
+    n-th key (a resumed run).
+    """
+
+    def __init__(
+        self,
+        samples_per_epoch: int,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+    ):
+        if num_replicas is None or rank is None:  # DistributedSampler would raise without a process group
+            initialised = dist.is_available() and dist.is_initialized()
+            num_replicas, rank = (dist.get_world_size(), dist.get_rank()) if initialised else (1, 0)
+        super().__init__(
+            range(samples_per_epoch),
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=True,
+        )
+        self.samples_per_epoch = samples_per_epoch
+        self.skip: tuple[int, int] | None = None
+
+    def skip_once(self, epoch: int, count: int) -> None:
+        self.skip = (epoch, count)
+
+    def keys(self, epoch: int) -> torch.Tensor:
+        """This rank's keys of `epoch`, in order."""
+        if self.shuffle:
+            order = torch.randperm(
+                self.samples_per_epoch, generator=torch.Generator().manual_seed(self.seed + epoch)
+            )
+        else:
+            order = torch.arange(self.samples_per_epoch)
+        return epoch * self.samples_per_epoch + order[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self):
+        keys = self.keys(self.epoch)
+        if self.skip is not None and self.skip[0] == self.epoch:
+            keys = keys[self.skip[1] :]
+        self.skip = None
+        return iter(keys.tolist())
 
 
 # ----------------------------------------------------------------------------- embedded photos
@@ -204,33 +313,7 @@ class PhotoCrops(Dataset):
         return {"image": to_tensor_image(image), "label": photo}
 
 
-class GlobalIdSampler(DistributedSampler):
-    """Yields global ids epoch * samples_per_epoch + i for this rank's share of i in [0, samples_per_epoch).
-
-    Subclassing DistributedSampler makes Lightning keep it under DDP instead of injecting its own, and call
-    set_epoch on it each epoch: epochs then see new crops while an id always maps to the same crop. Every
-    rank gets samples_per_epoch // world_size ids (the remainder is dropped) so ranks stay in step.
-    """
-
-    def __init__(self, samples_per_epoch: int, num_replicas: int | None = None, rank: int | None = None):
-        if num_replicas is None or rank is None:  # DistributedSampler would raise without a process group
-            initialised = dist.is_available() and dist.is_initialized()
-            num_replicas, rank = (dist.get_world_size(), dist.get_rank()) if initialised else (1, 0)
-        super().__init__(
-            range(samples_per_epoch),
-            num_replicas=num_replicas,
-            rank=rank,
-            shuffle=False,
-            drop_last=True,
-        )
-        self.samples_per_epoch = samples_per_epoch
-
-    def __iter__(self):
-        start = self.epoch * self.samples_per_epoch
-        return iter(range(start + self.rank, start + self.total_size, self.num_replicas))
-
-
-class PhotosDataModule(L.LightningDataModule):
+class PhotosDataModule(ResumableData, L.LightningDataModule):
     """The embedded default dataset: random crops of bundled photos, label = source photo."""
 
     def __init__(
@@ -249,29 +332,26 @@ class PhotosDataModule(L.LightningDataModule):
         self.class_names = [name for name, _ in photos]
         self.num_classes = len(photos)
         self.batch_size, self.num_workers, self.samples_per_epoch = batch_size, num_workers, samples_per_epoch
+        self.seed = seed
         common = dict(resolution=resolution, seed=seed, min_scale=min_scale, val_fraction=val_fraction)
         self.train_dataset = PhotoCrops(photos, train=True, length=samples_per_epoch, **common)
         self.val_dataset = PhotoCrops(photos, train=False, val_per_class=val_per_class, **common)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = GlobalIdSampler(self.samples_per_epoch)  # built here: after DDP init
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,  # no worker start-up at every (short) epoch
-        )
+        sampler = self.resumable_sampler(
+            KeySampler(self.samples_per_epoch), self.batch_size
+        )  # after DDP init
+        return train_loader(self.train_dataset, sampler, self.batch_size, self.num_workers, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         # A few hundred in-memory crops: worker processes would cost more than they save.
-        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False)
+        return val_loader(self.val_dataset, self.batch_size)
 
 
 # ----------------------------------------------------------------------------- class folders
 def scan_class_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
-    """root/<class>/<image> -> (sorted class names, sorted [(path, label)]); ValueError if none found."""
+    """root/<class>/<image> -> (sorted class names, sorted [(path, label)]); ValueError if none found.
+    Images are the files with an extension Pillow opens (IMAGE_EXTENSIONS); other files are left out."""
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     files = [
@@ -294,12 +374,13 @@ def _held_out(path: str, val_fraction: float) -> bool:
 class ImageFiles(Dataset):
     """(path, label) list -> {"image", "label"}; a file that fails to decode is replaced by the next good one.
 
-    Training crops draw from torch's RNG (seeded per worker by the DataLoader / seed_everything).
+    Keys may exceed the length (KeySampler's keys of later epochs): key k reads file k % len, and its
+    training crop draws from rng([seed, k]), so a sample never depends on the workers or on a resume.
     `num_skipped` counts distinct bad files seen by this process (each dataloader worker has its own copy).
     """
 
-    def __init__(self, files: list[tuple[str, int]], resolution: int, train: bool):
-        self.files, self.resolution, self.train = files, resolution, train
+    def __init__(self, files: list[tuple[str, int]], resolution: int, train: bool, seed: int = 0):
+        self.files, self.resolution, self.train, self.seed = files, resolution, train, seed
         self.skipped: set[str] = set()
 
     @property
@@ -309,9 +390,9 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int) -> dict:
         for attempt in range(len(self.files)):
-            path, label = self.files[(index + attempt) % len(self.files)]
+            path, label = self.files[(key + attempt) % len(self.files)]
             try:
                 with Image.open(path) as image:
                     image = image.convert("RGB")
@@ -324,13 +405,13 @@ class ImageFiles(Dataset):
                     )
                 continue
             if self.train:
-                rng = np.random.default_rng(int(torch.randint(2**62, ())))
+                rng = np.random.default_rng([self.seed, key])
                 return {"image": random_resized_crop(image, self.resolution, rng), "label": label}
             return {"image": center_crop(image, self.resolution), "label": label}
         raise RuntimeError(f"none of the {len(self.files)} images could be decoded")
 
 
-class ClassFolderDataModule(L.LightningDataModule):
+class ClassFolderDataModule(ResumableData, L.LightningDataModule):
     """ImageNet layout root/<class>/<image>; without val_root, a stable `val_fraction` is held out."""
 
     def __init__(
@@ -355,16 +436,16 @@ class ClassFolderDataModule(L.LightningDataModule):
                 raise ValueError(f"class folders differ between {root} and {val_root}")
             train_files = files
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.train_dataset = ImageFiles(train_files, resolution, train=True)
+        self.train_dataset = ImageFiles(train_files, resolution, train=True, seed=seed)
         self.val_dataset = ImageFiles(val_files, resolution, train=False)
 
     def train_dataloader(self) -> DataLoader:
-        return shuffled_loader(self.train_dataset, self.batch_size, self.num_workers, self.seed)
+        sampler = KeySampler(len(self.train_dataset), shuffle=True, seed=self.seed)
+        sampler = self.resumable_sampler(sampler, self.batch_size)
+        return train_loader(self.train_dataset, sampler, self.batch_size, self.num_workers, self.seed)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
-        )
+        return val_loader(self.val_dataset, self.batch_size, self.num_workers)
 
 
 # ----------------------------------------------------------------------------- webdataset shards
@@ -396,6 +477,7 @@ class ShardStream:
         self.urls = list(wds.shardlists.expand_urls(urls))
         self.rank, self.world_size, self.resolution, self.train = rank, world_size, resolution, train
         self.seed, self.shuffle_buffer, self.epoch, self.num_skipped = seed, shuffle_buffer, 0, 0
+        self.resume: tuple[int, int] | None = None  # (epoch, batches of it already trained)
         if len(self.urls) < world_size:
             warnings.warn(
                 f"{len(self.urls)} shards for {world_size} ranks: "
@@ -406,9 +488,15 @@ class ShardStream:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _resuming(self) -> bool:
+        return self.resume is not None and self.resume[0] == self.epoch
+
     def _worker(self) -> tuple[int, int]:
+        """(worker id, workers). The loader takes batch j from worker j % W; a stream resumed after k
+        batches shifts the ids by k so that its first worker plays the part of the one batch k came from."""
         info = torch.utils.data.get_worker_info()
-        return (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        return ((worker + self.resume[1]) % count if self._resuming() else worker), count
 
     def _seed(self, stage: int) -> list[int]:
         return [self.seed, self.rank, self._worker()[0], self.epoch, stage]
@@ -436,6 +524,18 @@ class ShardStream:
                 yield buffer.pop()
         rng.shuffle(buffer)
         yield from buffer
+
+    def drop_trained(self, batches):
+        """After batching: in the epoch of `resume`, drop the k batches a killed run had trained: worker w
+        (as _worker numbers it) made batches w, w + W, ..., so it drops its first ceil((k - w) / W)."""
+        if not self._resuming():
+            yield from batches
+            return
+        worker, num_workers = self._worker()
+        drop = max(0, -(-(self.resume[1] - worker) // num_workers))
+        for index, batch in enumerate(batches):
+            if index >= drop:
+                yield batch
 
     def skip(self, exn: Exception, what: str = "shard data") -> bool:
         """Handler for broken tar members / samples: count, warn, keep going."""
@@ -467,7 +567,26 @@ class ShardStream:
             yield {"image": view, "label": label}
 
 
-class ShardsDataModule(L.LightningDataModule):
+def check_shards(key: str, pattern: str | None) -> None:
+    """Local shard files must exist before training starts (a resampling loader would otherwise wait on an
+    empty list forever); URLs and pipes ("http://", "pipe:") are the loader's to open."""
+    if pattern is None:
+        return
+    urls = list(wds.shardlists.expand_urls(pattern))
+    local = [url for url in urls if "://" not in url and not url.startswith("pipe:")]
+    missing = [url for url in local if not Path(url).is_file()]
+    if missing and len(missing) == len(urls):
+        raise ValueError(
+            f"{key}={pattern} matches no file (e.g. {missing[0]}); give a brace pattern of existing shards, "
+            "e.g. data/train-{000000..000127}.tar"
+        )
+    if missing:
+        raise ValueError(
+            f"{key}={pattern}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}"
+        )
+
+
+class ShardsDataModule(ResumableData, L.LightningDataModule):
     """Webdataset shards ("data/train-{000000..000127}.tar") with keys jpg|png|webp and cls.
 
     `rank` / `world_size` override auto-detection (torch.distributed, then RANK / WORLD_SIZE env vars).
@@ -493,6 +612,8 @@ class ShardsDataModule(L.LightningDataModule):
         self.batches_per_epoch, self.shuffle_buffer = batches_per_epoch, shuffle_buffer
         self.num_classes, self.resolution, self.batch_size = num_classes, resolution, batch_size
         self.num_workers, self.seed, self.rank, self.world_size = num_workers, seed, rank, world_size
+        for key, pattern in (("data.train_shards", train_shards), ("data.val_shards", val_shards)):
+            check_shards(key, pattern)
         classes_file = Path(next(iter(wds.shardlists.expand_urls(train_shards)))).parent / "classes.json"
         self.class_names = [str(i) for i in range(num_classes)]
         if classes_file.is_file():
@@ -511,10 +632,18 @@ class ShardsDataModule(L.LightningDataModule):
             stream.decode,
             wds.batched(self.batch_size, collation_fn=default_collate, partial=not train),
         ]
-        return stream, wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=self.num_workers)
+        stages += [stream.drop_trained] if stream.train else []
+        pipeline = wds.DataPipeline(*stages)
+        generator = torch.Generator().manual_seed(self.seed)  # keeps iterators off torch's global RNG
+        return stream, wds.WebLoader(
+            pipeline, batch_size=None, num_workers=self.num_workers, generator=generator
+        )
 
     def train_dataloader(self) -> wds.WebLoader:
         self.train_stream, loader = self._loader(self.train_shards, train=True)
+        if self.resume_at is not None:  # the stream replays its epoch and drops what was trained
+            self.train_stream.set_epoch(self.resume_at[0])
+            self.train_stream.resume, self.resume_at = self.resume_at, None
         # Epoch length is counted on the loader, across workers: exactly batches_per_epoch on every rank.
         loader = loader.with_epoch(self.batches_per_epoch)
         loader.sampler = self.train_stream  # Lightning calls loader.sampler.set_epoch(epoch) every epoch
@@ -543,23 +672,28 @@ def load_codes(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
 
 
 class CodeSamples(Dataset):
-    """Token sequences with labels; in training, the mirrored image's tokens half of the time."""
+    """Token sequences with labels; in training, the mirrored image's tokens half of the time.
 
-    def __init__(self, codes: dict[str, torch.Tensor], indices: torch.Tensor, train: bool):
+    Key k (KeySampler's, beyond the length in later epochs) reads sample k % len and flips by rng([seed, k]).
+    """
+
+    def __init__(self, codes: dict[str, torch.Tensor], indices: torch.Tensor, train: bool, seed: int = 0):
         self.tokens, self.labels = codes["tokens"][indices], codes["labels"][indices]
         self.flipped = codes["tokens_flip"][indices] if train and "tokens_flip" in codes else None
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int) -> dict:
+        index = key % len(self.labels)
         tokens = self.tokens[index]
-        if self.flipped is not None and torch.rand(()) < 0.5:
+        if self.flipped is not None and np.random.default_rng([self.seed, key]).random() < 0.5:
             tokens = self.flipped[index]
         return {"tokens": tokens.long(), "label": self.labels[index]}
 
 
-class CodesDataModule(L.LightningDataModule):
+class CodesDataModule(ResumableData, L.LightningDataModule):
     """Stage-2 data: pre-extracted token shards. Batches {"tokens": (B, N) long, "label": (B,)}.
 
     The last `val_fraction` of the samples (in extraction order) is held out for the validation loss.
@@ -576,11 +710,13 @@ class CodesDataModule(L.LightningDataModule):
         count = len(codes["labels"])
         num_val = max(1, int(count * val_fraction))
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.train_dataset = CodeSamples(codes, torch.arange(count - num_val), train=True)
+        self.train_dataset = CodeSamples(codes, torch.arange(count - num_val), train=True, seed=seed)
         self.val_dataset = CodeSamples(codes, torch.arange(count - num_val, count), train=False)
 
     def train_dataloader(self) -> DataLoader:
-        return shuffled_loader(self.train_dataset, self.batch_size, self.num_workers, self.seed)
+        sampler = KeySampler(len(self.train_dataset), shuffle=True, seed=self.seed)
+        sampler = self.resumable_sampler(sampler, self.batch_size)
+        return train_loader(self.train_dataset, sampler, self.batch_size, self.num_workers, self.seed)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False)
+        return val_loader(self.val_dataset, self.batch_size)
