@@ -1,6 +1,7 @@
 """FID-family plumbing (training/metrics.py) and photos-net (training/feature_net.py), on tiny sets."""
 
 import json
+import pickle
 from fractions import Fraction
 
 import numpy as np
@@ -146,8 +147,7 @@ def test_reference_statistics_are_cached_and_keyed_by_weights(net_path, val_crop
     images = val_crops[0]
     first = metrics(images, images, net_path, tmp_path, cache_name="ref")
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    prefix = f"ref-{weights_fingerprint(net_path)}-photos-net"
-    assert cached and all(name.startswith(prefix) for name in cached)
+    assert cached == [f"ref-{weights_fingerprint(net_path)}.safetensors"]
 
     class Unreadable(torch.utils.data.Dataset):
         def __len__(self):
@@ -158,6 +158,35 @@ def test_reference_statistics_are_cached_and_keyed_by_weights(net_path, val_crop
 
     again = metrics(images, Unreadable(), net_path, tmp_path, cache_name="ref")
     assert again == pytest.approx(first)
+
+
+class Payload:
+    """Unpickling this creates `marker`: what a crafted cache file would do to a loader that unpickles."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_malicious_cache_file_is_never_executed(net_path, val_crops, tmp_path):
+    images = val_crops[0]
+    cache, marker = tmp_path / "cache", tmp_path / "executed"
+    cache.mkdir()
+    name = f"ref-{weights_fingerprint(net_path)}"
+    # where torch-fidelity would look for features and statistics, and the project's own cache file
+    for file in [f"{name}-photos-net-features-{layer}.pt" for layer in ("2048", "logits_unbiased", "128")]:
+        torch.save(Payload(marker), cache / file)
+    torch.save(Payload(marker), cache / f"{name}-photos-net-stat-fid-128.pt")
+    (cache / f"{name}.safetensors").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.warns(UserWarning, match="unreadable feature cache"):
+        result = metrics(images, images, net_path, tmp_path, cache_name="ref")
+    assert not marker.exists()
+    assert result["fid[photos-net]"] == pytest.approx(0.0, abs=1e-3)
+    # the bad file was replaced by real features: the next call reads them
+    assert metrics(images, images, net_path, tmp_path, cache_name="ref") == pytest.approx(result)
+    assert not marker.exists()
 
 
 def test_small_sets_shrink_is_splits_and_skip_precision_recall(net_path, val_crops, tmp_path):

@@ -7,8 +7,10 @@ The FID family runs with one of two feature extractors:
 - "photos-net": the small classifier of the embedded photos (training/feature_net.py), for offline runs.
 
 Every key names its extractor (`fid[photos-net]`, `is[inception]`): the two scales have nothing in common.
-Reference statistics are cached by torch-fidelity under `cache_root`, keyed by a name the caller chooses plus
-a fingerprint of the extractor's weights, so a retrained photos-net never reuses stale statistics.
+Reference features are cached under `cache_root` as safetensors (`<name>-<weights fingerprint>.safetensors`),
+keyed by a name the caller chooses plus a fingerprint of the extractor's weights, so a retrained photos-net
+never reuses stale features. torch-fidelity's own cache is never used: it unpickles its files
+(`torch.load(weights_only=False)`), so a crafted file in the cache folder would run code.
 
 Small sample counts: IS uses the protocol's 10 splits only while every split keeps at least 100 samples, else
 max(1, N // 100) splits; precision/recall use k = 3 neighbours and need more than 3 samples on each side,
@@ -27,8 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch_fidelity
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
+from torch_fidelity import utils as fidelity_utils
 from torch_fidelity.defaults import DEFAULTS
+from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.utils import glob_samples_paths
 from torchmetrics.functional.image import structural_similarity_index_measure
 
@@ -210,25 +217,63 @@ def image_metrics(
     if not (fid or isc or prc):
         raise ValueError("nothing to measure: ask for isc, or pass input2 for fid / precision-recall")
     cuda = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
-    results = torch_fidelity.calculate_metrics(
+    options = dict(
         input1=_fidelity_input(input1),
         input2=None if input2 is None else _fidelity_input(input2),
-        fid=fid,
-        isc=isc,
-        prc=prc,
         feature_extractor=_FIDELITY_NAMES[extractor],
         feature_extractor_weights_path=str(weights),
         isc_splits=isc_splits(num1),
         prc_neighborhood=PRC_NEIGHBOURS,
-        cache=True,
-        cache_root=str(cache_root),
-        input2_cache_name=None if cache_name is None else f"{cache_name}-{weights_fingerprint(weights)}",
+        cache=False,
         cuda=cuda,
         batch_size=batch_size,
         save_cpu_ram=not cuda,  # on a CPU, dataloader worker processes only compete for the same cores
         verbose=verbose,
     )
+    layers = {
+        metric: fidelity_utils.resolve_feature_layer_for_metric(metric, **options)
+        for metric, wanted in (("isc", isc), ("fid", fid), ("prc", prc))
+        if wanted
+    }
+    feature_net = fidelity_utils.create_feature_extractor(
+        _FIDELITY_NAMES[extractor], sorted(set(layers.values())), **options
+    )
+    features1 = fidelity_utils.extract_featuresdict_from_input_id(1, feature_net, **options)
+    features2 = None
+    if fid or prc:
+        cache_file = None
+        if cache_name is not None:
+            cache_file = Path(cache_root) / f"{cache_name}-{weights_fingerprint(weights)}.safetensors"
+        features2 = reference_features(cache_file, sorted(set(layers.values())), feature_net, options)
+    results = {}
+    if isc:
+        results.update(isc_featuresdict_to_metric(features1, layers["isc"], **options))
+    if fid:
+        statistics = [fid_featuresdict_to_statistics(f, layers["fid"]) for f in (features1, features2)]
+        results.update(fid_statistics_to_metric(*statistics, verbose))
+    if prc:
+        results.update(prc_featuresdict_to_metric(features1, features2, layers["prc"], **options))
     return {f"{key}[{extractor}]": float(results[name]) for key, name in _KEYS.items() if name in results}
+
+
+def reference_features(cache_file: Path | None, layers: list[str], feature_net, options: dict) -> dict:
+    """input2's features per layer: read from `cache_file` (safetensors: tensors only, nothing executes)
+    when it holds every layer, else extracted and written there."""
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cached = load_file(str(cache_file))
+        except Exception as error:  # a truncated or foreign file: recompute rather than fail
+            warnings.warn(f"ignoring unreadable feature cache {cache_file}: {error}", stacklevel=2)
+        else:
+            if set(layers) <= cached.keys():
+                return {layer: cached[layer] for layer in layers}
+    features = fidelity_utils.extract_featuresdict_from_input_id(2, feature_net, **options)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_name(cache_file.name + ".tmp")
+        save_file({layer: features[layer].contiguous() for layer in layers}, str(temporary))
+        temporary.replace(cache_file)
+    return features
 
 
 def conditional_accuracy(
