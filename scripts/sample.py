@@ -18,7 +18,9 @@ Labels are class-balanced (index i gets class i % num_classes). Every batch has 
 the run's seed and the batch's first index, so a sample does not depend on how the work was split: with
 several ranks (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS, e.g. under srun) each rank writes a disjoint,
 contiguous index range (and its own `samples_rank<r>.npz`). Batches whose PNGs already exist are skipped,
-so an interrupted run resumes.
+so an interrupted run resumes; `out/settings.json` records what the images depend on (the two models'
+weight fingerprints, the sampler settings, seed, batch size, token count, device), and a folder holding
+samples made with other settings is refused before anything is sampled, so it never mixes or returns them.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ from sampling.common import SampleResult, batch_seed, class_balanced_labels  # n
 from sampling.jacobi import sample_jacobi  # noqa: E402
 from sampling.speculative import sample_speculative, tokenizer_neighbours  # noqa: E402
 from tokenizers_vis.base import Tokens, from_pretrained  # noqa: E402
+from training.config import ConfigError, config_differences  # noqa: E402
 from training.data import to_uint8  # noqa: E402
+from training.metrics import weights_fingerprint  # noqa: E402
 
 
 def sample_uniform(
@@ -123,8 +127,52 @@ def index_range(num_samples: int, rank: int, world_size: int) -> range:
     return range(min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples))
 
 
+# Settings that do not change the images: more samples extend a run; grid, npz and compile are output/speed.
+NOT_IN_IMAGES = ("num_samples", "out", "grid", "grid_per_class", "npz")
+
+
+def image_settings(cfg: DictConfig) -> dict:
+    """What out/images/*.png depend on; model folders by the fingerprint of their weights."""
+    settings = {
+        key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        for key, value in cfg.items()
+        if key not in NOT_IN_IMAGES and key != "paths"  # paths: machine-specific folders
+    }
+    settings["sampler"] = {k: v for k, v in settings["sampler"].items() if k != "compile"}
+    for key in ("generator_path", "tokenizer_path"):
+        settings[key] = {"path": settings[key], "weights": weights_fingerprint(settings[key])}
+    if settings["sampler"].get("drafter_path"):
+        path = settings["sampler"]["drafter_path"]
+        settings["sampler"]["drafter_path"] = {"path": path, "weights": weights_fingerprint(path)}
+    return settings
+
+
+def check_output_folder(out: Path, settings: dict) -> None:
+    """Refuse a folder whose samples were made with other settings (run() records them once every input
+    was checked, so a start that fails leaves nothing that blocks the corrected rerun)."""
+    record = out / "settings.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        changed = config_differences(saved, settings)
+        if changed:
+            shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
+            raise ConfigError(
+                f"out={out} holds samples made with other settings ({shown} differ); "
+                "choose another out or delete that folder"
+            )
+        return
+    if (out / "images").is_dir() and any((out / "images").iterdir()):
+        raise ConfigError(
+            f"out={out} holds images without a record of their settings (no settings.json); "
+            "choose another out or delete that folder"
+        )
+
+
 def run(cfg: DictConfig) -> dict:
     out, device = Path(cfg.out), torch.device(cfg.device)
+    for key in ("generator_path", "tokenizer_path"):
+        if not (Path(cfg[key]) / "config.json").is_file():
+            raise ConfigError(f"{key}={cfg[key]} is not an exported model folder (no config.json)")
     generator = from_pretrained(cfg.generator_path, device=device)
     tokenizer = from_pretrained(cfg.tokenizer_path, device=device)
     settings = OmegaConf.to_container(cfg.sampler, resolve=True)
@@ -137,11 +185,14 @@ def run(cfg: DictConfig) -> dict:
     most = generator.config["num_tokens"]
     if num_tokens is not None and not 1 <= num_tokens <= most:
         raise ValueError(f"num_tokens={num_tokens}; the generator makes 1 to {most} tokens")
+    settings_record = image_settings(cfg)  # every input checked: now the folder, before any sampling
+    check_output_folder(out, settings_record)
     num_classes = generator.config["num_classes"]
     labels = class_balanced_labels(cfg.num_samples, num_classes)
     rank, world_size = rank_and_world_size()
     indices = index_range(cfg.num_samples, rank, world_size)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(settings_record, indent=2) + "\n")
 
     images, stats = [], {"forward_passes": 0, "tokens": 0, "wall_time": 0.0, "images": 0}
     sampler_stats: dict[str, float] = {}  # sum over batches of stat * batch size
@@ -202,7 +253,10 @@ def save_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_clas
 
 @hydra.main(config_path="../configs", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -97,17 +97,15 @@ def test_generator_trains_exports_and_samples(pipeline):
     generator = from_pretrained(root / "gpt" / "export")
     assert generator.config["vocab_size"] == 64
 
-    sample_cfg = compose_config(
-        [
-            f"generator_path={root / 'gpt' / 'export'}",
-            f"tokenizer_path={root / 'titok' / 'export'}",
-            f"out={root / 'samples'}",
-            "num_samples=20",
-            "batch_size=8",
-            "sampler.cfg_scale=2.0",
-        ],
-        config_name="sample",
-    )
+    sample_overrides = [
+        f"generator_path={root / 'gpt' / 'export'}",
+        f"tokenizer_path={root / 'titok' / 'export'}",
+        f"out={root / 'samples'}",
+        "num_samples=20",
+        "batch_size=8",
+        "sampler.cfg_scale=2.0",
+    ]
+    sample_cfg = compose_config(sample_overrides, config_name="sample")
     summary = sample_run(sample_cfg)
     assert summary["forward_passes_per_image"] == 8  # one pass per token with the cache
     assert len(list((root / "samples" / "images").glob("*.png"))) == 20
@@ -118,6 +116,22 @@ def test_generator_trains_exports_and_samples(pipeline):
     # Rerunning finds every PNG and samples nothing new: identical npz.
     sample_run(sample_cfg)
     assert np.array_equal(np.load(root / "samples" / "samples.npz")["images"], npz["images"])
+    # The same folder with settings that change the images is refused before sampling, naming them;
+    # more samples, or another grid, extend the run.
+    changes = [
+        ("sampler.cfg_scale=3.0", "sampler.cfg_scale"),
+        ("seed=1", "seed"),
+        ("batch_size=4", "batch_size"),
+    ]
+    for change, key in changes:
+        changed = compose_config([*sample_overrides, change], config_name="sample")
+        with pytest.raises(ConfigError, match=rf"other settings \({key} differ"):
+            sample_run(changed)
+    assert json.loads((root / "samples" / "stats.json").read_text())["cfg_scale"] == 2.0
+    extended = sample_run(
+        compose_config([*sample_overrides, "num_samples=24", "grid=false"], config_name="sample")
+    )
+    assert extended["num_samples"] == 24
 
     # A k-token prefix: k passes per image, decoded at the tokenizer's resolution; k > N is refused.
     prefix_cfg = compose_config(
