@@ -24,9 +24,11 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from training.callbacks import ImageGrids, Throughput
+from training.callbacks import ImageGrids, SkippedImages, Throughput
 from training.checkpoints import AtomicCheckpointIO, RandomStates
 from training.config import ConfigError, check_run_dir, compose_config, save_run_config
+from training.data import DataError
+from training.validation import check_train
 
 # Lightning warns that manual-optimisation checkpoints hold the post-step weights: that is what we want.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -37,6 +39,7 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 def run(cfg: DictConfig) -> dict:
     """Fit, validate the final (EMA) weights, export, and write metrics.json. Returns the metrics."""
     run_dir = Path(cfg.paths.run_dir)
+    check_train(cfg)  # every setting, before anything is built
     checkpoint = check_run_dir(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -52,7 +55,8 @@ def run(cfg: DictConfig) -> dict:
         except ValueError as error:
             raise ConfigError(str(error)) from error
     # Exact resume is not optional: every run saves its random states and writes checkpoints atomically.
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [RandomStates()]
+    skipped = SkippedImages()
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [RandomStates(), skipped]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [AtomicCheckpointIO()]
     trainer = instantiate(
@@ -68,6 +72,7 @@ def run(cfg: DictConfig) -> dict:
     throughput = next((c for c in callbacks if isinstance(c, Throughput)), None)
     metrics = {k.removeprefix("val/"): float(v) for k, v in results[0].items()}
     metrics["steps"] = trainer.global_step
+    metrics["skipped_images"] = skipped.total(trainer)
     if throughput is not None and throughput.images:  # a resumed, already finished run trains no batch
         metrics["train_images_per_second"] = throughput.images_per_second
     if trainer.is_global_zero:
@@ -77,6 +82,10 @@ def run(cfg: DictConfig) -> dict:
         for grid in next((c.latest.values() for c in callbacks if isinstance(c, ImageGrids)), []):
             print(f"image grid:     {grid}")
         print(f"metrics:        {run_dir / 'metrics.json'}")
+        if metrics["skipped_images"]:
+            print(
+                f"skipped:        {metrics['skipped_images']} unreadable images (named in the warnings above)"
+            )
         print("  " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
 
@@ -89,6 +98,8 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except ConfigError as error:
         sys.exit(f"error: {error}")
+    except DataError as error:
+        sys.exit(f"error: {DataError.one_line(error)}")
 
 
 def precheck(argv: list[str]) -> None:

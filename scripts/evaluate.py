@@ -74,6 +74,7 @@ from training.metrics import (  # noqa: E402
     ssim,
     uint8_images,
 )
+from training.validation import check_evaluate  # noqa: E402
 
 REQUIRED = {  # mode -> the settings it cannot run without
     "rfid": ("tokenizer_path",),
@@ -356,6 +357,7 @@ def run(cfg: DictConfig) -> dict:
     missing = [key for key in REQUIRED[cfg.mode] if not cfg[key]]
     if missing:  # before photos-net may be trained: fail in a second, not after a minute
         raise ConfigError(f"mode={cfg.mode} needs {' and '.join(f'{key}=...' for key in missing)}")
+    check_evaluate(cfg)  # settings, model folder and samples file, before photos-net may be trained
     torch.manual_seed(cfg.seed)  # reference crops of data modules that draw them from torch's RNG
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     extractor, weights = resolve_extractor(cfg)

@@ -28,6 +28,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tokenizers_vis import from_pretrained  # noqa: E402
+from training.config import ConfigError  # noqa: E402
+from training.validation import check_extract  # noqa: E402
 
 
 @torch.no_grad()
@@ -37,6 +39,7 @@ def encode(tokenizer, images: torch.Tensor) -> torch.Tensor:
 
 
 def extract(cfg: DictConfig) -> Path:
+    check_extract(cfg)  # settings and the tokenizer folder, before any image is encoded
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
@@ -47,12 +50,13 @@ def extract(cfg: DictConfig) -> Path:
     total = cfg.num_samples or len(dataset)  # more than len(dataset): another pass, fresh augmentations
     shards = [(start, min(start + cfg.shard_size, total)) for start in range(0, total, cfg.shard_size)]
 
+    flips = bool(cfg.flips) and bool(data_cfg.get("flip", True))  # no mirrored tokens for unflippable data
     meta = {
         "tokenizer": str(cfg.tokenizer_path),
         "token_spec": json.loads((Path(cfg.tokenizer_path) / "config.json").read_text()).get("token_spec"),
         "num_classes": datamodule.num_classes,
         "num_samples": total,
-        "flips": bool(cfg.flips),
+        "flips": flips,
         "data": OmegaConf.to_container(data_cfg, resolve=True),
         "shards": [f"codes-{i:05d}.safetensors" for i in range(len(shards))],
     }
@@ -71,11 +75,11 @@ def extract(cfg: DictConfig) -> Path:
             images = torch.stack([item["image"] for item in items]).to(device)  # (b, 3, H, W)
             labels += [int(item["label"]) for item in items]
             codes.append(encode(tokenizer, images))
-            if cfg.flips:
+            if flips:
                 flipped.append(encode(tokenizer, images.flip(-1)))
             progress.update(len(items))
         shard = {"tokens": torch.cat(codes), "labels": torch.tensor(labels, dtype=torch.int64)}
-        if cfg.flips:
+        if flips:
             shard["tokens_flip"] = torch.cat(flipped)
         partial = path.with_suffix(".partial")
         save_file(shard, str(partial))
@@ -88,7 +92,10 @@ def extract(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="../configs", config_name="extract_codes", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    extract(cfg)
+    try:
+        extract(cfg)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from tokenizers_vis.base import Tokens, from_pretrained  # noqa: E402
 from training.config import ConfigError, config_differences  # noqa: E402
 from training.data import to_uint8  # noqa: E402
 from training.metrics import weights_fingerprint  # noqa: E402
+from training.validation import check_sample  # noqa: E402
 
 
 def sample_uniform(
@@ -170,9 +171,7 @@ def check_output_folder(out: Path, settings: dict) -> None:
 
 def run(cfg: DictConfig) -> dict:
     out, device = Path(cfg.out), torch.device(cfg.device)
-    for key in ("generator_path", "tokenizer_path"):
-        if not (Path(cfg[key]) / "config.json").is_file():
-            raise ConfigError(f"{key}={cfg[key]} is not an exported model folder (no config.json)")
+    check_sample(cfg)  # settings and the two model folders, before any model is loaded
     generator = from_pretrained(cfg.generator_path, device=device)
     tokenizer = from_pretrained(cfg.tokenizer_path, device=device)
     settings = OmegaConf.to_container(cfg.sampler, resolve=True)

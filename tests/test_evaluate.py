@@ -153,7 +153,7 @@ def test_bad_commands_fail_in_one_line(workspace):
         evaluate(workspace, f"input1={workspace / 'photos'}")
     with pytest.raises(ConfigError, match="input2"):
         evaluate(workspace, "mode=folders", f"input1={workspace / 'photos'}")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         evaluate(workspace, "mode=gfid", f"samples={workspace / 'absent.npz'}")
 
 

@@ -196,6 +196,7 @@ def test_generator_config_must_match_the_codes(pipeline):
     cfg = compose_config(
         TINY_GPT
         + [f"data.codes_dir={root / 'codes'}", "generator.vocab_size=32", f"paths.run_dir={root / 'x'}"]
+        + [f"module.tokenizer_path={root / 'titok' / 'export'}"]
     )
     with pytest.raises(ConfigError, match="generator.vocab_size=64"):
         train.run(cfg)

@@ -1,0 +1,320 @@
+"""Settings checked before anything is built or computed: one ConfigError naming the key, its value and what
+is valid, instead of a traceback minutes (or a whole training run) later.
+
+Each script has a table of rules, `key -> what is valid`; a key the composed config does not have is not
+checked (an experiment without a GAN has no module.loss.gan_weight). Cross-checks between keys (a patch size
+that divides the resolution, heads that divide the width) and checks of the model folders a run reads
+(an exported tokenizer whose tokens match the codes) follow the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from training.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Rule:
+    expected: str  # what is valid, in words
+    ok: Callable[[object], bool]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def integer(minimum: int = 0, optional: bool = False) -> Rule:
+    expected = f"an integer >= {minimum}" + (" or null" if optional else "")
+    return Rule(expected, lambda v: (optional and v is None) or (_is_int(v) and v >= minimum))
+
+
+def number(low: float, high: float | None = None, low_open=False, high_open=False, optional=False) -> Rule:
+    left, right = ("(" if low_open else "["), (")" if high_open or high is None else "]")
+    expected = f"a number in {left}{low:g}, {'inf' if high is None else f'{high:g}'}{right}"
+
+    def ok(v):
+        if optional and v is None:
+            return True
+        if not _is_number(v):
+            return False
+        above = v > low if low_open else v >= low
+        below = high is None or (v < high if high_open else v <= high)
+        return above and below
+
+    return Rule(expected + (" or null" if optional else ""), ok)
+
+
+def choice(*options) -> Rule:
+    return Rule(f"one of {list(options)}", lambda v: v in options)
+
+
+def either(first: Rule, second: Rule) -> Rule:
+    return Rule(f"{first.expected}, or {second.expected}", lambda v: first.ok(v) or second.ok(v))
+
+
+POSITIVE, COUNT = integer(1), integer(0)
+SEED = integer(0)
+PROBABILITY = number(0, 1)
+LEARNING_RATE = number(0, low_open=True)
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+
+TRAIN_RULES: dict[str, Rule] = {
+    "seed": SEED,
+    "data.batch_size": POSITIVE,
+    "data.num_workers": COUNT,
+    "data.resolution": integer(8),
+    "data.samples_per_epoch": POSITIVE,
+    "data.val_per_class": POSITIVE,
+    "data.val_fraction": number(0, 1, low_open=True, high_open=True),
+    "data.min_scale": number(0, 1, low_open=True),
+    "data.batches_per_epoch": POSITIVE,
+    "data.shuffle_buffer": POSITIVE,
+    "data.num_classes": POSITIVE,
+    "data.flip": choice(True, False),
+    "trainer.max_steps": POSITIVE,
+    "trainer.val_check_interval": either(POSITIVE, number(0, 1, low_open=True)),
+    "trainer.log_every_n_steps": POSITIVE,
+    "trainer.devices": either(POSITIVE, choice("auto")),
+    "trainer.num_nodes": POSITIVE,
+    "trainer.precision": choice(*PRECISIONS),
+    "trainer.gradient_clip_val": number(0, low_open=True, optional=True),
+    "callbacks.checkpoint.every_n_train_steps": POSITIVE,
+    "module.lr": LEARNING_RATE,
+    "module.disc_lr": number(0, low_open=True, optional=True),
+    "module.warmup_steps": COUNT,
+    "module.weight_decay": number(0),
+    "module.min_lr_ratio": PROBABILITY,
+    "module.ema_decay": number(0, 1, high_open=True),
+    "module.grad_clip": number(0, low_open=True, optional=True),
+    "module.grid_images": POSITIVE,
+    "module.grid_classes": POSITIVE,
+    "module.grid_samples_per_class": POSITIVE,
+    "module.grid_cfg_scale": number(0),
+    "module.guidance_scale": number(0),
+    "module.truncate": choice("none", "uniform", "pow2"),
+    "module.loss.pixel_weight": number(0),
+    "module.loss.perceptual_weight": number(0),
+    "module.loss.gan_weight": number(0),
+    "module.loss.gan_start_step": COUNT,
+    "module.loss.lecam_weight": number(0),
+    "module.loss.disc_channels": POSITIVE,
+    "module.loss.disc_layers": POSITIVE,
+    "tokenizer.patch_size": POSITIVE,
+    "tokenizer.width": integer(1, optional=True),
+    "tokenizer.depth": integer(1, optional=True),
+    "tokenizer.heads": integer(1, optional=True),
+    "tokenizer.num_tokens": POSITIVE,
+    "tokenizer.codebook_size": integer(2),
+    "tokenizer.code_dim": POSITIVE,
+    "tokenizer.commitment_weight": number(0),
+    "generator.vocab_size": integer(2),
+    "generator.num_tokens": POSITIVE,
+    "generator.num_classes": POSITIVE,
+    "generator.width": integer(1, optional=True),
+    "generator.depth": integer(1, optional=True),
+    "generator.heads": integer(1, optional=True),
+    "generator.label_dropout": number(0, 1, high_open=True),
+}
+
+SAMPLER_RULES: dict[str, Rule] = {
+    "sampler.cfg_scale": number(0),
+    "sampler.cfg_schedule": choice("constant", "linear"),
+    "sampler.temperature": number(0, low_open=True),
+    "sampler.top_k": COUNT,
+    "sampler.top_p": number(0, 1, low_open=True),
+    "sampler.gamma": POSITIVE,
+    "sampler.window": POSITIVE,
+    "sampler.group_size": POSITIVE,
+    "sampler.lantern_delta": number(0),
+    "sampler.lantern_lambda": number(1, optional=True),
+    "sampler.lantern_k": POSITIVE,
+    "sampler.drafter": choice("gpt", "eagle"),
+    "sampler.acceptance": choice("exact", "lantern"),
+    "sampler.init": choice("uniform", "copy_left"),
+    "sampler.compile": choice(True, False),
+    "sampler.reuse_drafts": choice(True, False),
+}
+
+SAMPLE_RULES: dict[str, Rule] = {
+    "num_samples": POSITIVE,
+    "num_tokens": integer(1, optional=True),
+    "batch_size": POSITIVE,
+    "seed": SEED,
+    "grid_per_class": POSITIVE,
+    **SAMPLER_RULES,
+}
+
+EXTRACT_RULES: dict[str, Rule] = {
+    "num_samples": integer(1, optional=True),
+    "shard_size": POSITIVE,
+    "batch_size": POSITIVE,
+    "seed": SEED,
+    "flips": choice(True, False),
+    **{key: rule for key, rule in TRAIN_RULES.items() if key.startswith("data.")},
+}
+
+EVALUATE_RULES: dict[str, Rule] = {
+    "mode": choice("rfid", "pfid", "gfid", "floor", "folders"),
+    "extractor": choice("auto", "inception", "photos-net"),
+    "target_psnr": number(0, optional=True),
+    "pfid_alpha": PROBABILITY,
+    "pfid_delta": POSITIVE,
+    "reference_samples": integer(2),
+    "floor_samples": integer(2),
+    "batch_size": POSITIVE,
+    "device": Rule(
+        "auto, cpu, cuda or cuda:<index>",
+        lambda v: isinstance(v, str) and v.split(":")[0] in ("auto", "cpu", "cuda"),
+    ),
+    "seed": SEED,
+    "feature_net.resolution": integer(8),
+    **{key: rule for key, rule in TRAIN_RULES.items() if key.startswith("data.")},
+}
+
+
+def _lookup(cfg: DictConfig, key: str):
+    """(present, value) of a dotted key; interpolations resolved."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False, None
+        node = node[part]
+    return True, OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def check_rules(cfg: DictConfig, rules: dict[str, Rule]) -> None:
+    for key, rule in rules.items():
+        present, value = _lookup(cfg, key)
+        if present and value != "???" and not rule.ok(value):
+            raise ConfigError(f"{key}={value!r}: expected {rule.expected}")
+
+
+def _divides(cfg, small: str, large: str) -> None:
+    (has_small, a), (has_large, b) = _lookup(cfg, small), _lookup(cfg, large)
+    if has_small and has_large and _is_int(a) and _is_int(b) and b % a:
+        raise ConfigError(f"{small}={a} must divide {large}={b}")
+
+
+def export_config(key: str, folder) -> dict:
+    """config.json of an exported model folder, or a ConfigError naming the setting."""
+    file = Path(str(folder)) / "config.json"
+    if not file.is_file() or not (file.parent / "model.safetensors").is_file():
+        raise ConfigError(
+            f"{key}={folder} is not an exported model folder (needs config.json and model.safetensors; "
+            "train.py writes them to runs/<experiment>/export)"
+        )
+    try:
+        meta = json.loads(file.read_text())
+        return {"class": meta["class"], **meta["config"]}
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{key}={folder}: {file} is not an export config ({error})") from None
+
+
+GENERATOR_CLASSES = ("gpt",)
+
+
+def check_train(cfg: DictConfig) -> None:
+    """Every setting of `python train.py`, before the data and the model are built."""
+    check_rules(cfg, TRAIN_RULES)
+    _divides(cfg, "tokenizer.patch_size", "data.resolution")
+    _divides(cfg, "tokenizer.heads", "tokenizer.width")
+    _divides(cfg, "generator.heads", "generator.width")
+    present, codes = _lookup(cfg, "data.codes_dir")
+    if present and not (Path(str(codes)) / "meta.json").is_file():
+        raise ConfigError(
+            f"data.codes_dir={codes} holds no extracted codes (meta.json missing): run "
+            "scripts/extract_codes.py tokenizer_path=<tokenizer export> out=<folder> first"
+        )
+    present, path = _lookup(cfg, "module.tokenizer_path")
+    if present and path is not None:
+        tokenizer = export_config("module.tokenizer_path", path)
+        if tokenizer["class"] in GENERATOR_CLASSES:
+            raise ConfigError(
+                f"module.tokenizer_path={path} holds a generator ({tokenizer['class']}), not a tokenizer"
+            )
+        present, codes = _lookup(cfg, "data.codes_dir")
+        meta_file = Path(str(codes)) / "meta.json"
+        if present and meta_file.is_file():  # a missing codes folder is the data module's one-line error
+            codes_spec = json.loads(meta_file.read_text()).get("token_spec")
+            exported = json.loads((Path(str(path)) / "config.json").read_text()).get("token_spec")
+            if codes_spec is not None and exported != codes_spec:
+                raise ConfigError(
+                    f"module.tokenizer_path={path} makes tokens {exported}, but the codes in "
+                    f"data.codes_dir={codes} are {codes_spec}: give the tokenizer that extracted them"
+                )
+
+
+def check_sample(cfg: DictConfig) -> None:
+    check_rules(cfg, SAMPLE_RULES)
+    generator = export_config("generator_path", cfg.generator_path)
+    tokenizer = export_config("tokenizer_path", cfg.tokenizer_path)
+    if generator["class"] not in GENERATOR_CLASSES:
+        swapped = (
+            " (generator_path and tokenizer_path swapped?)" if tokenizer["class"] in GENERATOR_CLASSES else ""
+        )
+        raise ConfigError(
+            f"generator_path={cfg.generator_path} holds a {generator['class']}, not a generator{swapped}"
+        )
+    if tokenizer["class"] in GENERATOR_CLASSES:
+        raise ConfigError(f"tokenizer_path={cfg.tokenizer_path} holds a generator, not a tokenizer")
+
+
+def check_extract(cfg: DictConfig) -> None:
+    check_rules(cfg, EXTRACT_RULES)
+    tokenizer = export_config("tokenizer_path", cfg.tokenizer_path)
+    if tokenizer["class"] in GENERATOR_CLASSES:
+        raise ConfigError(f"tokenizer_path={cfg.tokenizer_path} holds a generator, not a tokenizer")
+
+
+def check_evaluate(cfg: DictConfig) -> None:
+    check_rules(cfg, EVALUATE_RULES)
+    mode = cfg.mode
+    if mode in ("rfid", "pfid", "floor"):
+        if cfg.tokenizer_path is None:
+            raise ConfigError(f"mode={mode} needs tokenizer_path=<an exported tokenizer folder>")
+        export_config("tokenizer_path", cfg.tokenizer_path)
+    if mode == "gfid":
+        if cfg.samples is None:
+            raise ConfigError("mode=gfid needs samples=<a samples.npz or a folder of PNGs>")
+        samples = Path(str(cfg.samples))
+        if not samples.exists():
+            raise ConfigError(f"samples={samples} does not exist")
+        if samples.is_file():
+            check_samples_npz(samples)
+    if mode == "folders":
+        for key in ("input1", "input2"):
+            if cfg[key] is None or not Path(str(cfg[key])).is_dir():
+                raise ConfigError(f"mode=folders needs {key}=<a folder of images>; got {cfg[key]}")
+
+
+def check_samples_npz(path: Path) -> None:
+    """uint8 images (N, H, W, 3) and optional labels (N,), read without unpickling."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "images" not in npz.files:
+                raise ConfigError(f"samples={path} has no `images` array (keys: {npz.files})")
+            images = npz["images"]
+            labels = npz["labels"] if "labels" in npz.files else None
+    except ConfigError:
+        raise
+    except Exception as error:  # not a zip, truncated, object arrays
+        raise ConfigError(f"samples={path} is not a readable .npz of arrays ({error})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ConfigError(
+            f"samples={path}: images are {images.dtype} {tuple(images.shape)}; expected uint8 (N, H, W, 3)"
+        )
+    if labels is not None and labels.shape != (len(images),):
+        raise ConfigError(f"samples={path}: labels {tuple(labels.shape)} do not match {len(images)} images")
