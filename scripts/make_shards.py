@@ -3,9 +3,11 @@
     python scripts/make_shards.py /data/imagenet/train data/shards/train --max-per-shard 1000 --resize 288
 
 writes data/shards/train-000000.tar ... plus data/shards/classes.json (index -> class name), and prints the
-brace pattern to pass as `data.train_shards`. Samples are shuffled before writing (a streaming reader only
-shuffles within a buffer, so shards must already mix classes). Each sample holds `__key__`, the image bytes
-(`jpg`, or `png`/`webp` when the source is one of those and no --resize is asked), and `cls` (int label).
+train.py overrides that use them, quoted so they work pasted into a shell (the brace pattern must reach
+Hydra intact: `'data.train_shards="data/shards/train-{000000..000127}.tar"'`). Samples are shuffled before
+writing (a streaming reader only shuffles within a buffer, so shards must already mix classes). Each sample
+holds `__key__`, the image bytes (`jpg`, or `png`/`webp` when the source is one of those and no --resize is
+asked), and `cls` (int label).
 Files that do not decode are skipped and counted, never fatal.
 """
 
@@ -83,7 +85,18 @@ def main() -> None:
         args.src, args.out_prefix, args.max_per_shard, args.shuffle_seed, args.resize
     )
     print(f"wrote {written} samples, skipped {skipped} unreadable files; classes.json beside the shards")
-    print(f"data.train_shards={pattern}")
+    print("train on them with (paste as is):")
+    print(f"  {shard_override(pattern, num_classes(args.src))}")
+
+
+def shard_override(pattern: str, classes: int) -> str:
+    """The train.py arguments for the shards, quoted twice: single quotes stop the shell's brace expansion,
+    double quotes stop Hydra's override parser reading the braces as a dict."""
+    return f"data=imagenet_shards 'data.train_shards=\"{pattern}\"' data.num_classes={classes}"
+
+
+def num_classes(src: str) -> int:
+    return sum(1 for path in Path(src).iterdir() if path.is_dir())
 
 
 if __name__ == "__main__":

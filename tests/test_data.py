@@ -3,6 +3,8 @@
 import importlib.util
 import io
 import json
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -13,8 +15,10 @@ import webdataset as wds
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from PIL import Image
 
+from training.config import compose_config
 from training.data import (
     ClassFolderDataModule,
+    DataError,
     ImageFiles,
     KeySampler,
     PhotosDataModule,
@@ -145,17 +149,19 @@ def test_class_folder_skips_corrupt_file(tmp_path):
     root = make_class_folder(tmp_path / "images")
     dm = ClassFolderDataModule(root=str(root), resolution=16, batch_size=3, val_root=str(root))
     assert dm.class_names == ["cat", "dog", "fox"] and dm.num_classes == 3
-    with pytest.warns(UserWarning, match=r"broken\.jpg.*1 skipped"):
+    with pytest.warns(UserWarning, match=r"broken\.jpg"):
         batches = list(dm.train_dataloader())
     assert len(batches) == 13 // 3
-    assert all(b["image"].shape == (3, 3, 16, 16) and b["label"].dtype == torch.long for b in batches)
     assert all(b["image"].min() >= -1 and b["image"].max() <= 1 for b in batches)
+    assert all(b["label"].dtype == torch.long for b in batches)
+    # the bad file leaves a hole in its batch, counted, instead of a copy of another image
+    assert sum(int(b["skipped"]) for b in batches) <= 1
+    assert all(len(b["image"]) + int(b["skipped"]) == 3 for b in batches)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         val = list(dm.val_dataloader())
-        list(dm.train_dataloader())  # a second epoch does not count the same file twice
-    assert dm.train_dataset.num_skipped == 1 and dm.val_dataset.num_skipped == 1
-    assert sum(len(b["label"]) for b in val) == 13  # the bad file's slot is filled by another image
+    assert sum(len(b["label"]) for b in val) == 12 and sum(int(b["skipped"]) for b in val) == 1
+    assert len({tuple(image.flatten()[:16].tolist()) for b in val for image in b["image"]}) == 12
     first = dm.val_dataset[0]["image"]
     assert torch.equal(first, dm.val_dataset[0]["image"])  # validation view is deterministic
 
@@ -174,7 +180,7 @@ def test_class_folders_read_every_format_pillow_opens(tmp_path):
     assert "notes.txt" not in names
     dataset = ImageFiles(files, resolution=16, train=False)
     assert all(dataset[i]["image"].shape == (3, 16, 16) for i in range(len(dataset)))
-    assert dataset.num_skipped == 0
+    assert not dataset.skipped
 
 
 def test_class_folder_holdout_and_errors(tmp_path):
@@ -214,6 +220,31 @@ def test_write_shards(shards):
     resized, n, _ = make_shards.write_shards(str(tmp / "src"), str(tmp / "small" / "s"), 100, resize=10)
     sample = next(iter(wds.WebDataset(resized, shardshuffle=False)))
     assert n == 24 and min(Image.open(io.BytesIO(sample["jpg"])).size) == 10
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_label_outside_num_classes_names_the_shard_and_key(shards, num_workers, tmp_path):
+    for url in wds.shardlists.expand_urls(shards[0]):  # labels 0..2; without classes.json, whose class
+        shutil.copy(url, tmp_path)  # count the module checks at once
+    pattern = str(tmp_path / Path(shards[0]).name)
+    loader = shard_module(pattern, num_classes=2, num_workers=num_workers).train_dataloader()
+    with pytest.raises(DataError) as error:
+        list(loader)
+    message = DataError.one_line(error.value)
+    assert "cls=2" in message and "data.num_classes=2" in message and ".tar" in message
+    assert "\n" not in message
+
+
+def test_printed_shard_override_works_pasted_into_a_shell(shards):
+    pattern, _, _, tmp = shards
+    line = make_shards.shard_override(pattern, make_shards.num_classes(str(tmp / "src")))
+    # the shell splits and unquotes the line as a user's paste would; Hydra must get the pattern intact
+    argv = subprocess.run(
+        ["bash", "-c", f"printf '%s\\n' {line}"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    cfg = compose_config(["+experiment=titok_quickstart", *argv])
+    assert cfg.data.train_shards == pattern and cfg.data.num_classes == 3
+    assert len(list(wds.shardlists.expand_urls(cfg.data.train_shards))) == 5
 
 
 def shard_module(pattern, **kw):
@@ -303,5 +334,27 @@ def test_shards_skip_corrupt_sample(tmp_path):
     with pytest.warns(UserWarning, match="0002.*1 skipped"):
         batches = list(dm.val_dataloader())
     assert sum(len(b["label"]) for b in batches) == 3 and dm.val_stream.num_skipped == 1
+    assert sum(int(b["skipped"].sum()) for b in batches) == 1
     with pytest.warns(UserWarning, match="skipped"):
         assert len(list(dm.train_dataloader())) == 3  # training streams past it as well
+
+
+def test_flips_are_a_data_setting_and_leave_the_crops_alone():
+    flipping = PhotosDataModule(resolution=16, batch_size=4, samples_per_epoch=64)
+    fixed = PhotosDataModule(resolution=16, batch_size=4, samples_per_epoch=64, flip=False)
+    boxes = [flipping.train_dataset.crop_box(key) for key in range(64)]
+    assert any(box[-1] for box in boxes)  # half the crops are mirrored by default
+    assert not any(fixed.train_dataset.crop_box(key)[-1] for key in range(64))
+    for key, box in enumerate(boxes):  # the same crop either way, only never mirrored
+        assert fixed.train_dataset.crop_box(key)[:-1] == box[:-1]
+        image, plain = flipping.train_dataset[key]["image"], fixed.train_dataset[key]["image"]
+        assert torch.equal(image.flip(-1) if box[-1] else image, plain)
+
+
+def test_class_folder_flip_off_never_mirrors(tmp_path):
+    root = make_class_folder(tmp_path / "images", per_class=2, corrupt=False)
+    on = ClassFolderDataModule(root=str(root), resolution=16, batch_size=2, val_root=str(root))
+    off = ClassFolderDataModule(root=str(root), resolution=16, batch_size=2, val_root=str(root), flip=False)
+    pairs = [(on.train_dataset[k]["image"], off.train_dataset[k]["image"]) for k in range(12)]
+    assert all(torch.equal(a, b) or torch.equal(a.flip(-1), b) for a, b in pairs)
+    assert any(not torch.equal(a, b) for a, b in pairs)  # some were mirrored with flips on

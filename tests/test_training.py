@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN
+from PIL import Image
 
 import train
 from tokenizers_vis import from_pretrained
-from training.config import ConfigError
+from training.config import ConfigError, compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -97,3 +100,27 @@ def test_ddp_on_cpu_with_two_processes(tmp_path, tiny_run_overrides):
     assert metrics["steps"] == 4
     # Two ranks of 8 images per step.
     assert (tmp_path / "ddp" / "export" / "model.safetensors").is_file()
+
+
+def test_unreadable_images_are_skipped_counted_and_summed_in_metrics(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "folder"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+        (root / name / "broken.jpg").write_bytes(rng.bytes(200))
+    sizes = [o for o in TINY_RUN if not o.startswith(("data.samples_per_epoch", "data.val_per_class"))]
+    cfg = compose_config(
+        [*sizes, "data=imagenet_folder", f"data.root={root}", f"data.val_root={root}", "data.num_workers=0"]
+        + [f"paths.run_dir={tmp_path / 'run'}"]
+    )
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        metrics = train.run(cfg)
+    # every validation (steps 2 and 4, and the final one) reads both bad files; training may draw them too
+    assert metrics["skipped_images"] >= 2 * 3
+    assert (
+        json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_images"]
+        == metrics["skipped_images"]
+    )

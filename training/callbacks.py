@@ -55,3 +55,38 @@ class Throughput(L.Callback):
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
+
+
+class SkippedImages(L.Callback):
+    """Sums the unreadable images the data left out (batch["skipped"], training and validation) over all
+    ranks; train.py reports the total and writes it to metrics.json as `skipped_images`."""
+
+    def __init__(self):
+        self.count = 0
+
+    def state_dict(self) -> dict:  # every rank's count, so a resumed run keeps summing
+        counts = [self.count]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(counts, self.count)
+        return {"counts": counts}
+
+    def load_state_dict(self, state: dict) -> None:
+        counts = state.get("counts", [])
+        initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if initialised else 0
+        self.count = counts[rank] if rank < len(counts) else 0
+
+    def _add(self, batch) -> None:
+        if isinstance(batch, dict) and "skipped" in batch:
+            self.count += int(torch.as_tensor(batch["skipped"]).sum())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._add(batch)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self._add(batch)
+
+    def total(self, trainer) -> int:
+        return int(trainer.strategy.reduce(torch.tensor(float(self.count)), reduce_op="sum"))

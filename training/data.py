@@ -43,6 +43,16 @@ IMAGE_EXTENSIONS = _readable_extensions()  # .jpg .png .webp .gif .tif(f) .bmp .
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
+class DataError(ValueError):
+    """Data that contradicts the settings (a label outside num_classes): stops the run in one line."""
+
+    @staticmethod
+    def one_line(error: Exception) -> str:
+        """The message itself, also when a DataLoader worker re-raised it inside its traceback text."""
+        last = str(error).strip().splitlines()[-1]
+        return last.split("DataError: ", 1)[-1]
+
+
 # ----------------------------------------------------------------------------- tensors and transforms
 def to_tensor_image(image: Image.Image | np.ndarray) -> torch.Tensor:
     """PIL image or uint8 array (H, W[, 3]) -> float tensor (3, H, W) in [-1, 1]."""
@@ -64,9 +74,15 @@ def _resize_box(image: Image.Image, box: tuple[int, int, int, int], resolution: 
 
 
 def random_resized_crop(
-    image: Image.Image, resolution: int, rng: np.random.Generator, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)
+    image: Image.Image,
+    resolution: int,
+    rng: np.random.Generator,
+    scale=(0.8, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    flip: bool = True,
 ) -> torch.Tensor:
-    """Training view: a crop covering `scale` of the area at aspect `ratio`, random flip -> (3, r, r)."""
+    """Training view: a crop covering `scale` of the area at aspect `ratio`, a random horizontal flip unless
+    flip=False (digits, text) -> (3, r, r). The flip's draw is made either way: the same crops follow."""
     width, height = image.size
     area = width * height * rng.uniform(*scale)
     aspect = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
@@ -74,7 +90,7 @@ def random_resized_crop(
     crop_h = int(min(height, max(1, round((area / aspect) ** 0.5))))
     left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
     crop = _resize_box(image, (left, top, left + crop_w, top + crop_h), resolution)
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 and flip:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return to_tensor_image(crop)
 
@@ -99,7 +115,7 @@ def _rank_and_world_size(rank: int | None = None, world_size: int | None = None)
 
 
 def train_loader(
-    dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, seed: int
+    dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, seed: int, collate_fn=None
 ) -> DataLoader:
     """Full batches only (uneven last batches hang DDP), workers kept across epochs, and an explicit
     generator: a DataLoader without one draws its workers' base seed from torch's global RNG at every epoch,
@@ -112,10 +128,11 @@ def train_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_fn,
     )
 
 
-def val_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+def val_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, collate_fn=None) -> DataLoader:
     """In order, every sample; the explicit generator keeps the iterator off torch's global RNG."""
     return DataLoader(
         dataset,
@@ -123,6 +140,7 @@ def val_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataL
         shuffle=False,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(0),
+        collate_fn=collate_fn,
     )
 
 
@@ -270,6 +288,7 @@ class PhotoCrops(Dataset):
         val_fraction: float = 0.25,
         length: int = 4096,
         val_per_class: int = 8,
+        flip: bool = True,
     ):
         if not 0 < val_fraction < 1 or not 0 < min_scale <= 1:
             raise ValueError(
@@ -278,7 +297,7 @@ class PhotoCrops(Dataset):
         self.photos = [array for _, array in photos]
         self.val_starts = [_val_start(array.shape[1], val_fraction) for array in self.photos]
         self.resolution, self.train, self.seed, self.min_scale = resolution, train, seed, min_scale
-        self.val_per_class = val_per_class
+        self.val_per_class, self.flip = val_per_class, flip
         self.length = length if train else len(self.photos) * val_per_class
 
     def __len__(self) -> int:
@@ -302,7 +321,7 @@ class PhotoCrops(Dataset):
         side = max(1, min(round(rng.uniform(self.min_scale, 1.0) * train_side), height, col_stop - col_start))
         top = int(rng.integers(0, height - side + 1))
         left = col_start + int(rng.integers(0, col_stop - col_start - side + 1))
-        return photo, top, left, side, bool(self.train and rng.random() < 0.5)
+        return photo, top, left, side, bool(self.train and rng.random() < 0.5) and self.flip
 
     def __getitem__(self, key: int) -> dict:
         photo, top, left, side, flip = self.crop_box(key)
@@ -326,6 +345,7 @@ class PhotosDataModule(ResumableData, L.LightningDataModule):
         val_per_class: int = 8,
         val_fraction: float = 0.25,
         min_scale: float = 0.25,
+        flip: bool = True,
     ):
         super().__init__()
         photos = load_photos()
@@ -334,7 +354,7 @@ class PhotosDataModule(ResumableData, L.LightningDataModule):
         self.batch_size, self.num_workers, self.samples_per_epoch = batch_size, num_workers, samples_per_epoch
         self.seed = seed
         common = dict(resolution=resolution, seed=seed, min_scale=min_scale, val_fraction=val_fraction)
-        self.train_dataset = PhotoCrops(photos, train=True, length=samples_per_epoch, **common)
+        self.train_dataset = PhotoCrops(photos, train=True, length=samples_per_epoch, flip=flip, **common)
         self.val_dataset = PhotoCrops(photos, train=False, val_per_class=val_per_class, **common)
 
     def train_dataloader(self) -> DataLoader:
@@ -372,43 +392,48 @@ def _held_out(path: str, val_fraction: float) -> bool:
 
 
 class ImageFiles(Dataset):
-    """(path, label) list -> {"image", "label"}; a file that fails to decode is replaced by the next good one.
+    """(path, label) list -> {"image", "label"}, or None for a file that does not decode (skip_unreadable
+    drops it from its batch and counts it: a bad file is never replaced by a copy of a good one).
 
     Keys may exceed the length (KeySampler's keys of later epochs): key k reads file k % len, and its
     training crop draws from rng([seed, k]), so a sample never depends on the workers or on a resume.
-    `num_skipped` counts distinct bad files seen by this process (each dataloader worker has its own copy).
+    Each unreadable file is warned about once per process (each dataloader worker has its own copy).
     """
 
-    def __init__(self, files: list[tuple[str, int]], resolution: int, train: bool, seed: int = 0):
-        self.files, self.resolution, self.train, self.seed = files, resolution, train, seed
+    def __init__(
+        self, files: list[tuple[str, int]], resolution: int, train: bool, seed: int = 0, flip: bool = True
+    ):
+        self.files, self.resolution, self.train, self.seed, self.flip = files, resolution, train, seed, flip
         self.skipped: set[str] = set()
-
-    @property
-    def num_skipped(self) -> int:
-        return len(self.skipped)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, key: int) -> dict:
-        for attempt in range(len(self.files)):
-            path, label = self.files[(key + attempt) % len(self.files)]
-            try:
-                with Image.open(path) as image:
-                    image = image.convert("RGB")
-            except Exception as exn:  # any decoder error: skip, never stop the run
-                if path not in self.skipped:
-                    self.skipped.add(path)
-                    warnings.warn(
-                        f"skipping unreadable image {path} ({exn!r}); {self.num_skipped} skipped so far",
-                        stacklevel=2,
-                    )
-                continue
-            if self.train:
-                rng = np.random.default_rng([self.seed, key])
-                return {"image": random_resized_crop(image, self.resolution, rng), "label": label}
-            return {"image": center_crop(image, self.resolution), "label": label}
-        raise RuntimeError(f"none of the {len(self.files)} images could be decoded")
+    def __getitem__(self, key: int) -> dict | None:
+        path, label = self.files[key % len(self.files)]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except Exception as exn:  # any decoder error: skip, never stop the run
+            if path not in self.skipped:
+                self.skipped.add(path)
+                warnings.warn(f"skipping unreadable image {path} ({exn!r})", stacklevel=2)
+            return None
+        if self.train:
+            rng = np.random.default_rng([self.seed, key])
+            view = random_resized_crop(image, self.resolution, rng, flip=self.flip)
+            return {"image": view, "label": label}
+        return {"image": center_crop(image, self.resolution), "label": label}
+
+
+def skip_unreadable(samples: list[dict | None]) -> dict:
+    """Collate the readable samples; batch["skipped"] counts the ones left out (summed over the run)."""
+    readable = [sample for sample in samples if sample is not None]
+    if not readable:
+        raise DataError(f"all {len(samples)} images of a batch are unreadable: check the image folder")
+    batch = default_collate(readable)
+    batch["skipped"] = torch.tensor(len(samples) - len(readable))
+    return batch
 
 
 class ClassFolderDataModule(ResumableData, L.LightningDataModule):
@@ -423,6 +448,7 @@ class ClassFolderDataModule(ResumableData, L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         val_fraction: float = 0.05,
+        flip: bool = True,
     ):
         super().__init__()
         self.class_names, files = scan_class_folder(root)
@@ -436,16 +462,18 @@ class ClassFolderDataModule(ResumableData, L.LightningDataModule):
                 raise ValueError(f"class folders differ between {root} and {val_root}")
             train_files = files
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.train_dataset = ImageFiles(train_files, resolution, train=True, seed=seed)
+        self.train_dataset = ImageFiles(train_files, resolution, train=True, seed=seed, flip=flip)
         self.val_dataset = ImageFiles(val_files, resolution, train=False)
 
     def train_dataloader(self) -> DataLoader:
         sampler = KeySampler(len(self.train_dataset), shuffle=True, seed=self.seed)
         sampler = self.resumable_sampler(sampler, self.batch_size)
-        return train_loader(self.train_dataset, sampler, self.batch_size, self.num_workers, self.seed)
+        return train_loader(
+            self.train_dataset, sampler, self.batch_size, self.num_workers, self.seed, skip_unreadable
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return val_loader(self.val_dataset, self.batch_size, self.num_workers)
+        return val_loader(self.val_dataset, self.batch_size, self.num_workers, skip_unreadable)
 
 
 # ----------------------------------------------------------------------------- webdataset shards
@@ -473,10 +501,14 @@ class ShardStream:
         train: bool,
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        num_classes: int | None = None,
+        flip: bool = True,
     ):
         self.urls = list(wds.shardlists.expand_urls(urls))
+        self.num_classes, self.flip = num_classes, flip
         self.rank, self.world_size, self.resolution, self.train = rank, world_size, resolution, train
         self.seed, self.shuffle_buffer, self.epoch, self.num_skipped = seed, shuffle_buffer, 0, 0
+        self.pending_skips = 0  # skipped since the last yielded sample: its "skipped" field
         self.resume: tuple[int, int] | None = None  # (epoch, batches of it already trained)
         if len(self.urls) < world_size:
             warnings.warn(
@@ -540,13 +572,15 @@ class ShardStream:
     def skip(self, exn: Exception, what: str = "shard data") -> bool:
         """Handler for broken tar members / samples: count, warn, keep going."""
         self.num_skipped += 1
+        self.pending_skips += 1
         warnings.warn(
             f"skipping {what} ({exn!r}); {self.num_skipped} skipped so far in this process", stacklevel=2
         )
         return True
 
     def decode(self, samples):
-        """Raw tar samples -> {"image": (3, r, r), "label": int}, with the same views as class folders."""
+        """Raw tar samples -> {"image": (3, r, r), "label": int, "skipped": unreadable samples since the
+        previous one (batched into batch["skipped"])}, with the same views as class folders."""
         rng = np.random.default_rng(self._seed(2))
         for sample in samples:
             try:
@@ -556,15 +590,23 @@ class ShardStream:
                 with Image.open(io.BytesIO(sample[key])) as image:
                     image = image.convert("RGB")
                 label = int(sample["cls"])
+                if self.num_classes is not None and not 0 <= label < self.num_classes:
+                    raise DataError(
+                        f"sample {sample.get('__key__')} of shard {sample.get('__url__')} has cls={label}, "
+                        f"outside data.num_classes={self.num_classes} (0 .. {self.num_classes - 1})"
+                    )
+            except DataError:
+                raise  # a wrong setting or wrong shards, not one unreadable image: stop
             except Exception as exn:
                 self.skip(exn, f"sample {sample.get('__key__')} of {sample.get('__url__')}")
                 continue
             view = (
-                random_resized_crop(image, self.resolution, rng)
+                random_resized_crop(image, self.resolution, rng, flip=self.flip)
                 if self.train
                 else center_crop(image, self.resolution)
             )
-            yield {"image": view, "label": label}
+            yield {"image": view, "label": label, "skipped": self.pending_skips}
+            self.pending_skips = 0
 
 
 def check_shards(key: str, pattern: str | None) -> None:
@@ -606,9 +648,10 @@ class ShardsDataModule(ResumableData, L.LightningDataModule):
         shuffle_buffer: int = 1000,
         rank: int | None = None,
         world_size: int | None = None,
+        flip: bool = True,
     ):
         super().__init__()
-        self.train_shards, self.val_shards = train_shards, val_shards
+        self.train_shards, self.val_shards, self.flip = train_shards, val_shards, flip
         self.batches_per_epoch, self.shuffle_buffer = batches_per_epoch, shuffle_buffer
         self.num_classes, self.resolution, self.batch_size = num_classes, resolution, batch_size
         self.num_workers, self.seed, self.rank, self.world_size = num_workers, seed, rank, world_size
@@ -625,7 +668,17 @@ class ShardsDataModule(ResumableData, L.LightningDataModule):
 
     def _loader(self, urls: str, train: bool) -> tuple[ShardStream, wds.WebLoader]:
         rank, world_size = _rank_and_world_size(self.rank, self.world_size)
-        stream = ShardStream(urls, rank, world_size, self.resolution, train, self.seed, self.shuffle_buffer)
+        stream = ShardStream(
+            urls,
+            rank,
+            world_size,
+            self.resolution,
+            train,
+            self.seed,
+            self.shuffle_buffer,
+            self.num_classes,
+            self.flip,
+        )
         stages = [stream.shards, wds.tarfile_to_samples(handler=stream.skip)]
         stages += [stream.shuffle] if stream.train else []
         stages += [
