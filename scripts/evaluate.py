@@ -270,6 +270,9 @@ def evaluate_floor(cfg: DictConfig, extractor: str, weights: Path, device: str) 
             data.train_dataset[first + i]
             for i in range(start, min(cfg.floor_samples, start + cfg.batch_size))
         ]
+        items = [item for item in items if item is not None]  # unreadable files are left out
+        if not items:
+            continue
         images = torch.stack([item["image"] for item in items]).to(device)  # (b, 3, H, W)
         reconstructions.append(uint8_images(tokenizer.reconstruct(images).float().clamp(-1, 1)))
         labels += [item["label"] for item in items]

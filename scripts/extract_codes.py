@@ -61,6 +61,7 @@ def extract(cfg: DictConfig) -> Path:
         "shards": [f"codes-{i:05d}.safetensors" for i in range(len(shards))],
     }
     progress = tqdm(total=total, desc="extracting codes", unit="img")
+    skipped = 0
     for index, (start, stop) in enumerate(shards):
         path = out / meta["shards"][index]
         if path.is_file():  # finished earlier: resumable
@@ -69,15 +70,18 @@ def extract(cfg: DictConfig) -> Path:
         torch.manual_seed(cfg.seed + index)  # augmentations of this shard, whatever ran before it
         codes, flipped, labels = [], [], []
         for batch_start in range(start, stop, cfg.batch_size):
-            items = [
-                dataset[i % len(dataset)] for i in range(batch_start, min(batch_start + cfg.batch_size, stop))
-            ]
+            keys = range(batch_start, min(batch_start + cfg.batch_size, stop))
+            items = [dataset[key] for key in keys]  # key-seeded views; keys past the end: fresh augmentations
+            progress.update(len(items))
+            skipped += sum(item is None for item in items)  # an unreadable image: left out, counted
+            items = [item for item in items if item is not None]
+            if not items:
+                continue
             images = torch.stack([item["image"] for item in items]).to(device)  # (b, 3, H, W)
             labels += [int(item["label"]) for item in items]
             codes.append(encode(tokenizer, images))
             if flips:
                 flipped.append(encode(tokenizer, images.flip(-1)))
-            progress.update(len(items))
         shard = {"tokens": torch.cat(codes), "labels": torch.tensor(labels, dtype=torch.int64)}
         if flips:
             shard["tokens_flip"] = torch.cat(flipped)
@@ -85,8 +89,11 @@ def extract(cfg: DictConfig) -> Path:
         save_file(shard, str(partial))
         partial.rename(path)
     progress.close()
+    meta["skipped_images"] = skipped
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"{total} samples in {len(shards)} shards: {out}")
+    print(f"{total - skipped} samples in {len(shards)} shards: {out}")
+    if skipped:
+        print(f"skipped {skipped} unreadable images (named in the warnings above)")
     return out
 
 

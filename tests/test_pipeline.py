@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY_RUN, TINY_TRAINER
 from hydra.utils import instantiate
+from PIL import Image
 from safetensors.torch import load_file
 
 import train
@@ -213,3 +214,35 @@ def test_missing_codes_is_a_one_line_error(tmp_path):
 def test_sample_ranks_split_the_indices_disjointly():
     ranges = [index_range(10, rank, 3) for rank in range(3)]
     assert [list(r) for r in ranges] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_extracting_a_class_folder_leaves_unreadable_images_out_and_counts_them(pipeline, tmp_path):
+    root, _ = pipeline
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "folder"
+    for name in ("cat", "dog"):
+        (folder / name).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+                folder / name / f"{i}.png"
+            )
+    (folder / "dog" / "broken.jpg").write_bytes(rng.bytes(100))
+    cfg = compose_config(
+        [
+            f"tokenizer_path={root / 'titok' / 'export'}",
+            f"out={tmp_path / 'codes'}",
+            "data=imagenet_folder",
+            f"data.root={folder}",
+            f"data.val_root={folder}",
+            "data.num_workers=0",
+            "batch_size=4",
+            "data.flip=false",
+        ],
+        config_name="extract_codes",
+    )
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        extract(cfg)
+    meta = json.loads((tmp_path / "codes" / "meta.json").read_text())
+    assert meta["skipped_images"] == 1 and meta["flips"] is False
+    shard = load_file(str(tmp_path / "codes" / meta["shards"][0]))
+    assert len(shard["labels"]) == 10 and "tokens_flip" not in shard  # 11 files, the broken one left out

@@ -100,7 +100,12 @@ class FidelityImages(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < self.length:  # datasets without an end (PhotoCrops) must not iterate forever
             raise IndexError(index)
-        item = self.source[index]
+        item, key = self.source[index], index
+        while item is None:  # an unreadable file of a dataset: a reference set takes the next readable one
+            key += 1
+            if key - index > len(self.source):
+                raise ValueError("no readable image in the reference dataset")
+            item = self.source[key]
         image = item["image"] if isinstance(item, dict) else item  # (3, H, W)
         return image if image.dtype == torch.uint8 else uint8_images(image)
 
