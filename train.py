@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from training.callbacks import ImageGrids, SkippedImages, Throughput
 from training.checkpoints import AtomicCheckpointIO, RandomStates
@@ -77,6 +77,10 @@ def run(cfg: DictConfig) -> dict:
         metrics["train_images_per_second"] = throughput.images_per_second
     if trainer.is_global_zero:
         export_dir = module.export_model().save_pretrained(run_dir / "export")
+        # the dataset it was trained on: evaluate.py measures against it (reference_data=recorded)
+        (export_dir / "data.json").write_text(
+            json.dumps(OmegaConf.to_container(cfg.data, resolve=True)) + "\n"
+        )
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"\nexported model: {export_dir}")
         for grid in next((c.latest.values() for c in callbacks if isinstance(c, ImageGrids)), []):

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -747,6 +748,10 @@ def run(args) -> dict:
             f"--tokenizer {args.tokenizer} decodes {token_spec.num_tokens} over {token_spec.vocab_size}"
         )
     eval_cfg = compose_config(["mode=gfid", f"device={args.device}", *args.eval], "evaluate")
+    record = Path(args.tokenizer) / "data.json"  # the tokenizer's own dataset is the gFID reference
+    if record.is_file() and eval_cfg.reference_data == "recorded":
+        with open_dict(eval_cfg):
+            eval_cfg.data = OmegaConf.create(json.loads(record.read_text()))
     extractor, weights = resolve_extractor(eval_cfg)  # trains photos-net first if missing: before sampling
     num_classes, token_kind = target.config["num_classes"], target.config.get("token_kind", "categorical")
     methods = build_methods(args, target, draft, eagle, tokenizer)

@@ -49,7 +49,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from tqdm import tqdm
 
@@ -59,7 +59,6 @@ from tokenizers_vis.adaptive import decode_lengths, shortest_prefix  # noqa: E40
 from tokenizers_vis.base import Tokens, from_pretrained  # noqa: E402
 from tokenizers_vis.perturb import LatentPerturbation  # noqa: E402
 from training.config import ConfigError  # noqa: E402
-from training.data import PhotosDataModule  # noqa: E402
 from training.feature_net import NAME as PHOTOS_NET  # noqa: E402
 from training.feature_net import ensure_feature_net, load_feature_net  # noqa: E402
 from training.metrics import (  # noqa: E402
@@ -92,9 +91,45 @@ def resolve_extractor(cfg: DictConfig) -> tuple[str, Path]:
         extractor = "inception" if cfg.paths.inception_weights else PHOTOS_NET
     if extractor == "inception":
         return extractor, inception_weights(cfg.paths.inception_weights)
-    if extractor == PHOTOS_NET:
-        return extractor, ensure_feature_net(cfg.feature_net.resolution, cfg.feature_net.root)
+    if extractor == PHOTOS_NET:  # trained on the reference dataset, on first use
+        data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.mode != "folders" else None
+        return extractor, ensure_feature_net(cfg.feature_net.resolution, cfg.feature_net.root, data=data)
     raise ConfigError(f"extractor={extractor!r}; choose auto, inception or {PHOTOS_NET}")
+
+
+def recorded_tokenizer(cfg: DictConfig) -> Path | None:
+    """The tokenizer whose dataset is the reference: tokenizer_path, or for gfid the one sample.py recorded
+    in the samples' settings.json."""
+    if cfg.mode in ("rfid", "pfid", "floor"):
+        return Path(str(cfg.tokenizer_path))
+    record = Path(str(cfg.samples)).parent / "settings.json"
+    if Path(str(cfg.samples)).is_dir():
+        record = Path(str(cfg.samples)) / "settings.json"
+    if record.is_file():
+        return Path(json.loads(record.read_text())["tokenizer_path"]["path"])
+    return None
+
+
+def use_recorded_data(cfg: DictConfig) -> None:
+    """reference_data=recorded: cfg.data becomes the dataset the tokenizer was trained on (its export's
+    data.json, written by train.py), so a model is measured against its own data, never silently against
+    the embedded photos. reference_data=config keeps `data=` as given."""
+    if cfg.mode == "folders" or cfg.reference_data == "config":
+        return
+    tokenizer = recorded_tokenizer(cfg)
+    record = None if tokenizer is None else tokenizer / "data.json"
+    if record is None or not record.is_file():
+        where = (
+            f"{tokenizer}/data.json"
+            if tokenizer is not None
+            else f"a settings.json beside samples={cfg.samples}"
+        )
+        raise ConfigError(
+            f"reference_data=recorded, but there is no {where} to say which dataset the model was trained "
+            "on: pass reference_data=config and data=<that dataset> (data=photos for the embedded photos)"
+        )
+    with open_dict(cfg):
+        cfg.data = OmegaConf.create(json.loads(record.read_text()))
 
 
 def data_name(cfg: DictConfig, split: str, resolution: int, count: int) -> str:
@@ -316,10 +351,13 @@ def against_training_crops(
         "num_reference": cfg.reference_samples,
         "resolution": resolution,
     }
-    if labels is not None and isinstance(data, PhotosDataModule):  # photos-net knows the photos' classes
-        classifier = ensure_feature_net(cfg.feature_net.resolution, cfg.feature_net.root)
-        result["cond_accuracy"] = conditional_accuracy(samples, labels, load_feature_net(classifier, device))
-        result["cond_accuracy_classifier"] = str(classifier)
+    if labels is not None and hasattr(data, "class_names"):  # a classifier of the reference's own classes
+        data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+        classifier = ensure_feature_net(cfg.feature_net.resolution, cfg.feature_net.root, data=data_cfg)
+        net = load_feature_net(classifier, device)
+        if list(net.config["classes"]) == list(data.class_names):
+            result["cond_accuracy"] = conditional_accuracy(samples, labels, net)
+            result["cond_accuracy_classifier"] = str(classifier)
     return result
 
 
@@ -361,6 +399,7 @@ def run(cfg: DictConfig) -> dict:
     if missing:  # before photos-net may be trained: fail in a second, not after a minute
         raise ConfigError(f"mode={cfg.mode} needs {' and '.join(f'{key}=...' for key in missing)}")
     check_evaluate(cfg)  # settings, model folder and samples file, before photos-net may be trained
+    use_recorded_data(cfg)
     torch.manual_seed(cfg.seed)  # reference crops of data modules that draw them from torch's RNG
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     extractor, weights = resolve_extractor(cfg)

@@ -1,7 +1,12 @@
-"""Train photos-net, the offline FID / IS feature network of the embedded photos (training/feature_net.py).
+"""Train photos-net, the offline FID / IS / conditional-accuracy network (training/feature_net.py), on the
+embedded photos or on any dataset a data config describes.
 
     python scripts/train_feature_net.py                   # runs/feature_net/photos-net-32, if missing
     python scripts/train_feature_net.py --resolution 64 --force
+    python scripts/train_feature_net.py data=imagenet_folder data.root=/data/mine/train data.val_root=null
+        # runs/feature_net/photos-net-32-classfolder-<digest>: classifies your classes
+
+evaluate.py trains the net of the reference dataset itself on first use; this script does it ahead of time.
 
 An existing net is reused (nothing is trained) unless --force: FID numbers are only comparable under the
 same weights, so a net is replaced only on purpose. scripts/evaluate.py trains it on first use the same way.
@@ -15,10 +20,13 @@ import sys
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from training.config import ConfigError, compose_config  # noqa: E402
 from training.feature_net import DEFAULT_RESOLUTION, FEATURE_NET_ROOT, ensure_feature_net  # noqa: E402
+from training.validation import EVALUATE_RULES, check_rules  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -30,6 +38,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--pool-size", type=int, default=8192, help="training crops drawn once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="data config, as evaluate.py takes it"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -38,6 +49,11 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    try:
+        data = compose_config(args.overrides, "evaluate").data
+        check_rules(OmegaConf.create({"data": data}), EVALUATE_RULES)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
     path = ensure_feature_net(
         args.resolution,
         args.root,
@@ -45,6 +61,7 @@ def main(argv: list[str] | None = None) -> Path:
         steps=args.steps,
         pool_size=args.pool_size,
         seed=args.seed,
+        data=OmegaConf.to_container(data, resolve=True),
     )
     report = json.loads((path / "config.json").read_text())
     print(

@@ -49,6 +49,7 @@ def evaluate(workspace, *overrides):
         f"feature_net.root={workspace / 'nets'}",
         "feature_net.resolution=16",
         f"cache_root={workspace / 'cache'}",
+        "reference_data=config",  # the workspace's samples carry no settings.json: data= (photos) is meant
     ]
     return run(compose_config([*settings, *overrides], "evaluate"))
 

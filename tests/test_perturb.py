@@ -159,6 +159,7 @@ def evaluate(exports):
             "data.val_per_class=1",
         ]
         settings += [f"cache_root={exports / 'cache'}", f"tokenizer_path={exports / 'tokenizer'}"]
+        settings += ["reference_data=config"]  # exports written by save_pretrained, without data.json
         return evaluate_run(compose_config([*settings, *overrides], "evaluate"))
 
     return run

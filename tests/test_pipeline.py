@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
+from scripts.evaluate import run as evaluate_run
 from scripts.extract_codes import extract
 from scripts.sample import index_range
 from scripts.sample import run as sample_run
@@ -246,3 +247,62 @@ def test_extracting_a_class_folder_leaves_unreadable_images_out_and_counts_them(
     assert meta["skipped_images"] == 1 and meta["flips"] is False
     shard = load_file(str(tmp_path / "codes" / meta["shards"][0]))
     assert len(shard["labels"]) == 10 and "tokens_flip" not in shard  # 11 files, the broken one left out
+
+
+def test_your_own_dataset_from_a_class_folder_to_gfid(tmp_path):
+    """README "Your own dataset": folder -> tokenizer -> codes -> GPT -> samples -> gFID, IS and conditional
+    accuracy against that folder (not the embedded photos), with a classifier of its own classes."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mine"
+    for c, name in enumerate(("red", "green", "blue")):
+        (folder / name).mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 80, (24, 24, 3), dtype=np.uint8)
+            pixels[..., c] += 150  # a colour per class: learnable in a few steps
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+    data = ["data=imagenet_folder", f"data.root={folder}", "data.val_root=null", "data.num_workers=0"]
+    data += ["data.resolution=16", "data.batch_size=8"]
+    sizes = [o for o in TINY_RUN if not o.startswith(("data.", "+experiment"))]
+    train.run(
+        compose_config(["+experiment=titok_quickstart", *sizes, *data, f"paths.run_dir={tmp_path / 'tok'}"])
+    )
+    tokenizer = tmp_path / "tok" / "export"
+    assert json.loads((tokenizer / "data.json").read_text())["root"] == str(folder)
+    extract(
+        compose_config(
+            [f"tokenizer_path={tokenizer}", f"out={tmp_path / 'codes'}", *data[:4], "num_samples=96"],
+            config_name="extract_codes",
+        )
+    )
+    gpt = [o for o in TINY_GPT if not o.startswith("module.grid_classes")] + ["generator.num_classes=3"]
+    gpt += [f"data.codes_dir={tmp_path / 'codes'}", f"module.tokenizer_path={tokenizer}"]
+    train.run(compose_config([*gpt, "module.grid_classes=3", f"paths.run_dir={tmp_path / 'gpt'}"]))
+    samples = tmp_path / "samples"
+    sample_run(
+        compose_config(
+            [
+                f"generator_path={tmp_path / 'gpt' / 'export'}",
+                f"tokenizer_path={tokenizer}",
+                f"out={samples}",
+                "num_samples=12",
+                "batch_size=6",
+            ],
+            config_name="sample",
+        )
+    )
+    result = evaluate_run(
+        compose_config(
+            [
+                "mode=gfid",
+                f"samples={samples / 'samples.npz'}",
+                "reference_samples=24",
+                f"feature_net.root={tmp_path / 'nets'}",
+                "feature_net.resolution=16",
+                f"cache_root={tmp_path / 'cache'}",
+            ],
+            "evaluate",
+        )
+    )
+    assert result["reference"].startswith("ClassFolderDataModule training crops")
+    assert "classfolder" in result["feature_extractor_weights"] and "cond_accuracy" in result
+    assert result["fid[photos-net]"] > 0 and 0 <= result["cond_accuracy"] <= 1

@@ -27,6 +27,7 @@ ceiling is about 0.94: motorcycle_left and motorcycle_right are a stereo pair wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from safetensors.torch import load_file
 from torch import nn
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
@@ -139,9 +141,22 @@ if NAME not in FEATURE_EXTRACTORS_REGISTRY:  # torch-fidelity refuses a second r
 
 
 # ----------------------------------------------------------------------------- files
-def feature_net_path(resolution: int = DEFAULT_RESOLUTION, root: str | Path = FEATURE_NET_ROOT) -> Path:
-    """Where the photos-net for `resolution` lives: <root>/photos-net-<resolution>."""
-    return Path(root) / f"{NAME}-{resolution}"
+def data_digest(data: dict | None) -> str | None:
+    """A short name for a non-default training dataset (None: the embedded photos)."""
+    if data is None or data.get("_target_", "").endswith("PhotosDataModule"):
+        return None
+    settings = {k: v for k, v in data.items() if k not in ("batch_size", "num_workers", "resolution")}
+    module = data["_target_"].rsplit(".", 1)[-1].removesuffix("DataModule").lower()
+    return f"{module}-{hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def feature_net_path(
+    resolution: int = DEFAULT_RESOLUTION, root: str | Path = FEATURE_NET_ROOT, data: dict | None = None
+) -> Path:
+    """Where the net for `resolution` lives: <root>/photos-net-<resolution> for the embedded photos,
+    <root>/photos-net-<resolution>-<data module>-<digest of its settings> for another dataset."""
+    digest = data_digest(data)
+    return Path(root) / (f"{NAME}-{resolution}" + (f"-{digest}" if digest else ""))
 
 
 def load_feature_net(path: str | Path, device: str | torch.device = "cpu") -> PhotosNet:
@@ -179,16 +194,18 @@ def ensure_feature_net(
     root: str | Path = FEATURE_NET_ROOT,
     force: bool = False,
     progress: bool = True,
+    data: dict | None = None,
     **train_kwargs,
 ) -> Path:
-    """The photos-net folder for `resolution` under `root`, trained first when missing (or when `force`).
+    """The photos-net folder for `resolution` under `root`, trained first when missing (or when `force`),
+    on `data` (a data module config: its training split and classes; None: the embedded photos).
 
     The folder appears atomically (`write_folder_atomically`). `train_kwargs` go to `train_feature_net`.
     """
-    path = feature_net_path(resolution, root)
+    path = feature_net_path(resolution, root, data)
     if path.is_dir() and not force:
         return path
-    net = train_feature_net(resolution, progress=progress, **train_kwargs)
+    net = train_feature_net(resolution, progress=progress, data=data, **train_kwargs)
     write_folder_atomically(path, net.save_pretrained)
     if progress:
         report = net.report
@@ -201,10 +218,12 @@ def ensure_feature_net(
 
 # ----------------------------------------------------------------------------- training
 def stack_crops(dataset, count: int, desc: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Items 0..count-1 of a PhotoCrops dataset -> images (N, 3, r, r) in [-1, 1], labels (N,)."""
+    """Items 0..count-1 of a dataset (keys past its end: fresh training views) -> images (N, 3, r, r) in
+    [-1, 1], labels (N,); unreadable files (None items) are left out."""
     items = [
         dataset[i] for i in tqdm(range(count), desc=desc, unit="crop", disable=not progress, leave=False)
     ]
+    items = [item for item in items if item is not None]
     return torch.stack([item["image"] for item in items]), torch.tensor([item["label"] for item in items])
 
 
@@ -238,11 +257,20 @@ def train_feature_net(
     weight_decay: float = 0.05,
     seed: int = 0,
     progress: bool = True,
+    data: dict | None = None,
 ) -> PhotosNet:
-    """Train a photos-net on PhotosDataModule training crops; `net.report` holds its validation accuracy."""
+    """Train a photos-net on the training crops of `data` (a data module config, e.g. a class folder; None:
+    the embedded photos) to classify its classes; `net.report` holds its validation accuracy."""
     start = time.perf_counter()
     torch.manual_seed(seed)
-    data = PhotosDataModule(resolution, batch_size, seed=seed, val_per_class=val_per_class)
+    source = (data_digest(data) if data is not None else None) or "photos"
+    if source == "photos":  # the embedded photos: always the same recipe, whatever the data config says
+        data = None
+    if data is None:
+        data = PhotosDataModule(resolution, batch_size, seed=seed, val_per_class=val_per_class)
+    else:
+        settings = {**data, "resolution": resolution, "batch_size": batch_size, "num_workers": 0}
+        data = instantiate(settings)
     images, labels = stack_crops(data.train_dataset, pool_size, "photos-net training crops", progress)
     val_images, val_labels = stack_crops(
         data.val_dataset, len(data.val_dataset), "validation crops", progress
@@ -265,6 +293,7 @@ def train_feature_net(
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 
     net.report = dict(
+        data=source,
         val_accuracy=accuracy(net, val_images, val_labels),
         val_samples=len(val_images),
         steps=steps,

@@ -167,6 +167,7 @@ EXTRACT_RULES: dict[str, Rule] = {
 EVALUATE_RULES: dict[str, Rule] = {
     "mode": choice("rfid", "pfid", "gfid", "floor", "folders"),
     "extractor": choice("auto", "inception", "photos-net"),
+    "reference_data": choice("recorded", "config"),
     "target_psnr": number(0, optional=True),
     "pfid_alpha": PROBABILITY,
     "pfid_delta": POSITIVE,
