@@ -82,6 +82,7 @@ def arguments(workspace, out, draft, *extra):
         "feature_net.resolution=16",
         f"cache_root={workspace / 'cache'}",
         "reference_samples=64",
+        "force=true",
     ]
 
 

@@ -160,6 +160,7 @@ def evaluate(exports):
         ]
         settings += [f"cache_root={exports / 'cache'}", f"tokenizer_path={exports / 'tokenizer'}"]
         settings += ["reference_data=config"]  # exports written by save_pretrained, without data.json
+        settings += ["force=true"]  # tiny sets, on purpose
         return evaluate_run(compose_config([*settings, *overrides], "evaluate"))
 
     return run

@@ -41,6 +41,8 @@ def folders(tmp_path_factory):
     np.savez(root / "float_images.npz", images=np.zeros((4, 8, 8, 3), np.float32))
     np.savez(root / "bad_labels.npz", images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.zeros(3))
     (root / "text.npz").write_text("not an archive")
+    np.savez(root / "few.npz", images=np.zeros((4, 32, 32, 3), np.uint8))
+    np.savez(root / "tiny.npz", images=np.zeros((64, 8, 8, 3), np.uint8))
     return root
 
 
@@ -135,6 +137,9 @@ EVALUATE_CASES = [
     ("mode=rfid tokenizer_path=<root>/tokenizer device=tpu", "device"),
     ("mode=rfid tokenizer_path=<root>/nowhere", "tokenizer_path"),
     ("mode=gfid samples=<root>/float_images.npz reference_samples=1", "reference_samples"),
+    ("mode=gfid samples=<root>/few.npz", "samples"),  # 4 images: below min_samples
+    ("mode=gfid samples=<root>/tiny.npz", "samples"),  # 8 px: below min_resolution
+    ("mode=gfid samples=<root>/float_images.npz reference_data=somewhere", "reference_data"),
     ("mode=pfid tokenizer_path=<root>/tokenizer pfid_alpha=1.5", "pfid_alpha"),
     ("mode=folders input1=<root>/nowhere input2=<root>/codes", "input1"),
 ]

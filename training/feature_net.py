@@ -283,7 +283,7 @@ def train_feature_net(
     net.train()
     bar = tqdm(range(steps), desc=f"training {NAME}-{resolution}", unit="step", disable=not progress)
     for _ in bar:
-        index = torch.randint(pool_size, (batch_size,), generator=generator)
+        index = torch.randint(len(images), (batch_size,), generator=generator)  # unreadable files left out
         batch = _random_shift(images[index], resolution // 8, generator)  # (B, 3, r, r)
         loss = F.cross_entropy(net(batch)[1], labels[index], label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)

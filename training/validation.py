@@ -180,6 +180,9 @@ EVALUATE_RULES: dict[str, Rule] = {
     ),
     "seed": SEED,
     "feature_net.resolution": integer(8),
+    "min_samples": integer(2),
+    "min_resolution": integer(1),
+    "force": choice(True, False),
     **{key: rule for key, rule in TRAIN_RULES.items() if key.startswith("data.")},
 }
 
@@ -292,15 +295,34 @@ def check_evaluate(cfg: DictConfig) -> None:
         if not samples.exists():
             raise ConfigError(f"samples={samples} does not exist")
         if samples.is_file():
-            check_samples_npz(samples)
+            count, size = check_samples_npz(samples)
+            check_enough(cfg, f"samples={samples}", count, size)
+        check_enough(cfg, f"reference_samples={cfg.reference_samples}", cfg.reference_samples, None)
     if mode == "folders":
         for key in ("input1", "input2"):
             if cfg[key] is None or not Path(str(cfg[key])).is_dir():
                 raise ConfigError(f"mode=folders needs {key}=<a folder of images>; got {cfg[key]}")
 
 
-def check_samples_npz(path: Path) -> None:
-    """uint8 images (N, H, W, 3) and optional labels (N,), read without unpickling."""
+def check_enough(cfg: DictConfig, what: str, count: int, size: int | None) -> None:
+    """FID from a handful of samples is mostly bias, and tiny images are upsampled by the feature network:
+    both are refused unless force=true."""
+    if cfg.get("force"):
+        return
+    if count < cfg.min_samples:
+        raise ConfigError(
+            f"{what} holds {count} images; FID needs at least min_samples={cfg.min_samples} to mean anything "
+            "(force=true measures anyway)"
+        )
+    if size is not None and size < cfg.min_resolution:
+        raise ConfigError(
+            f"{what} holds {size}px images, below min_resolution={cfg.min_resolution} "
+            "(force=true measures anyway)"
+        )
+
+
+def check_samples_npz(path: Path) -> tuple[int, int]:
+    """uint8 images (N, H, W, 3) and optional labels (N,), read without unpickling -> (N, min(H, W))."""
     import numpy as np
 
     try:
@@ -319,3 +341,4 @@ def check_samples_npz(path: Path) -> None:
         )
     if labels is not None and labels.shape != (len(images),):
         raise ConfigError(f"samples={path}: labels {tuple(labels.shape)} do not match {len(images)} images")
+    return len(images), min(images.shape[1:3])
