@@ -1,5 +1,6 @@
 """Exact resume: a run killed with SIGKILL and rerun ends bitwise equal to an uninterrupted run."""
 
+import os
 import random
 import signal
 import subprocess
@@ -38,7 +39,15 @@ GAN += ["module.loss.disc_channels=8", "module.loss.disc_layers=1"]
 # One-D-Piece draws a tail length per image from torch's RNG at every step: the random states must resume.
 QUIET = ["trainer.log_every_n_steps=1", "trainer.enable_model_summary=false", "callbacks.progress=null"]
 ONEDPIECE = ["+experiment=onedpiece_quickstart", *TINY_SIZES, *GAN, *QUIET]
-CONFIGS = {"titok_gan": BASE + SCHEDULE, "onedpiece_gan": ONEDPIECE + SCHEDULE}
+# Two CPU processes (gloo): every rank's random states and the LeCam EMAs (averaged over ranks) resume.
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+DDP += ["trainer.benchmark=false"]
+CONFIGS = {
+    "titok_gan": BASE + SCHEDULE,
+    "onedpiece_gan": ONEDPIECE + SCHEDULE,
+    "onedpiece_gan_ddp": ONEDPIECE + SCHEDULE + DDP,
+}
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on two cores
 
 
 def command(overrides, run_dir):
@@ -47,7 +56,7 @@ def command(overrides, run_dir):
 
 def train(overrides, run_dir):
     result = subprocess.run(
-        command(overrides, run_dir), cwd=REPO, capture_output=True, text=True, timeout=600
+        command(overrides, run_dir), cwd=REPO, capture_output=True, text=True, timeout=600, env=ONE_THREAD
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -85,19 +94,25 @@ def references(tmp_path_factory):
         ("titok_gan", [], False),  # the GAN is active from step 2, so across every kill
         ("onedpiece_gan", [], False),
         ("onedpiece_gan", ["data.num_workers=2"], True),  # workers, and a truncated last.ckpt
+        ("onedpiece_gan_ddp", [], False),
     ],
 )
 def test_a_killed_run_resumes_bitwise(references, tmp_path, name, extra, truncate):
     overrides, run_dir = CONFIGS[name] + extra, tmp_path / "run"
-    process = subprocess.Popen(
-        command(overrides, run_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    process = subprocess.Popen(  # its own process group: a DDP run's second rank dies with it
+        command(overrides, run_dir),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ONE_THREAD,
+        start_new_session=True,
     )
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     time.sleep(random.uniform(0.0, 0.15))  # a random step after the first checkpoint
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = torch.load(last, weights_only=True)["global_step"]
     assert killed_at < STEPS

@@ -253,8 +253,9 @@ class LeCam(nn.Module):
     Keeps EMAs of the discriminator's mean output on real and fake images (buffers, so checkpoints carry them)
     and penalises real logits above the fake EMA and fake logits below the real EMA, which bounds how far the
     discriminator can separate the two and stabilises GAN training on small data. EMAs start at 0, without
-    bias correction, as in the reference code. Under DDP each rank updates its own copy and DDP's buffer
-    broadcast keeps rank 0's.
+    bias correction, as in the reference code. Under DDP the means are averaged over ranks before the
+    update, so every rank holds the same EMAs: a checkpoint (rank 0's) then resumes every rank exactly,
+    which per-rank EMAs would not (tests/test_resume.py).
     """
 
     def __init__(self, decay: float = 0.99):
@@ -265,8 +266,12 @@ class LeCam(nn.Module):
 
     @torch.no_grad()
     def update(self, logits_real: Tensor, logits_fake: Tensor) -> None:
-        self.ema_real.lerp_(logits_real.detach().float().mean(), 1.0 - self.decay)
-        self.ema_fake.lerp_(logits_fake.detach().float().mean(), 1.0 - self.decay)
+        means = torch.stack([logits_real.detach().float().mean(), logits_fake.detach().float().mean()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(means)
+            means /= torch.distributed.get_world_size()
+        self.ema_real.lerp_(means[0], 1.0 - self.decay)
+        self.ema_fake.lerp_(means[1], 1.0 - self.decay)
 
     def penalty(self, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
         """mean(relu(D(real) - ema_fake)^2) + mean(relu(ema_real - D(fake))^2); no gradient to the EMAs."""
