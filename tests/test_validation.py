@@ -35,6 +35,11 @@ def folders(tmp_path_factory):
     export("tokenizer", "titok", SPEC)
     export("other_tokenizer", "titok", {**SPEC, "vocab_size": 4096})
     export("generator", "gpt")
+    (root / "generator" / "config.json").write_text(
+        json.dumps(
+            {"class": "gpt", "config": {"vocab_size": 1024, "num_tokens": 32, "token_kind": "categorical"}}
+        )
+    )
     (root / "codes").mkdir()
     (root / "codes" / "meta.json").write_text(json.dumps({"token_spec": SPEC, "num_classes": 17}))
     np.savez(root / "no_images.npz", labels=np.zeros(4))
@@ -116,6 +121,7 @@ SAMPLE_CASES = [
     ("generator_path=<root>/tokenizer tokenizer_path=<root>/generator out=<root>/s", "generator_path"),
     ("generator_path=<root>/nowhere tokenizer_path=<root>/tokenizer out=<root>/s", "generator_path"),
     ("generator_path=<root>/generator tokenizer_path=<root>/generator out=<root>/s", "tokenizer_path"),
+    ("generator_path=<root>/generator tokenizer_path=<root>/other_tokenizer out=<root>/s", "generator_path"),
 ]
 EXTRACT = "tokenizer_path=<root>/tokenizer out=<root>/codes_out"
 EXTRACT_CASES = [

@@ -272,6 +272,23 @@ def check_sample(cfg: DictConfig) -> None:
         )
     if tokenizer["class"] in GENERATOR_CLASSES:
         raise ConfigError(f"tokenizer_path={cfg.tokenizer_path} holds a generator, not a tokenizer")
+    spec = json.loads((Path(str(cfg.tokenizer_path)) / "config.json").read_text()).get("token_spec") or {}
+    pairs = [("vocab_size", "vocab_size"), ("token_kind", "kind")]
+    for key, spec_key in pairs:  # the generator must have been trained on this tokenizer's tokens
+        made, decoded = generator.get(key), spec.get(spec_key)
+        if key == "token_kind":
+            made, decoded = made or "categorical", decoded or "categorical"
+        if made is not None and decoded is not None and made != decoded:
+            raise ConfigError(
+                f"generator_path={cfg.generator_path} makes tokens with {key}={made}, but tokenizer_path="
+                f"{cfg.tokenizer_path} decodes {spec_key}={decoded}: pass the tokenizer of its training codes"
+            )
+    num_tokens = spec.get("num_tokens")
+    if num_tokens is not None and generator.get("num_tokens") not in (None, num_tokens):
+        raise ConfigError(
+            f"generator_path={cfg.generator_path} makes {generator['num_tokens']} tokens, but tokenizer_path="
+            f"{cfg.tokenizer_path} decodes {num_tokens}: pass the tokenizer whose codes it was trained on"
+        )
 
 
 def check_extract(cfg: DictConfig) -> None:
