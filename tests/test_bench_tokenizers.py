@@ -28,7 +28,7 @@ def test_every_entry_names_existing_experiments_and_a_benched_base():
         ([3.0, 1.0, 2.0, 2.0, 5.0], [1.0, 0.5, 7.0, 2.0, 3.0]),  # ties share their mean rank
     ],
 )
-def test_spearman_matches_scipy(x, y):
+def test_spearman_is_scipys_rank_correlation(x, y):
     assert bench.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
 
 
