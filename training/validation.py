@@ -220,12 +220,20 @@ def export_config(key: str, folder) -> dict:
         )
     try:
         meta = json.loads(file.read_text())
-        return {"class": meta["class"], **meta["config"]}
+        return {"class": meta["class"], "token_spec": meta.get("token_spec") or {}, **meta["config"]}
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"{key}={folder}: {file} is not an export config ({error})") from None
 
 
 GENERATOR_CLASSES = ("gpt",)
+
+
+def tokenizer_export(key: str, folder) -> dict:
+    """export_config of a folder that must hold a tokenizer."""
+    tokenizer = export_config(key, folder)
+    if tokenizer["class"] in GENERATOR_CLASSES:
+        raise ConfigError(f"{key}={folder} holds a generator ({tokenizer['class']}), not a tokenizer")
+    return tokenizer
 
 
 def check_train(cfg: DictConfig) -> None:
@@ -242,16 +250,11 @@ def check_train(cfg: DictConfig) -> None:
         )
     present, path = _lookup(cfg, "module.tokenizer_path")
     if present and path is not None:
-        tokenizer = export_config("module.tokenizer_path", path)
-        if tokenizer["class"] in GENERATOR_CLASSES:
-            raise ConfigError(
-                f"module.tokenizer_path={path} holds a generator ({tokenizer['class']}), not a tokenizer"
-            )
+        exported = tokenizer_export("module.tokenizer_path", path)["token_spec"]
         present, codes = _lookup(cfg, "data.codes_dir")
         meta_file = Path(str(codes)) / "meta.json"
-        if present and meta_file.is_file():  # a missing codes folder is the data module's one-line error
+        if present and meta_file.is_file():
             codes_spec = json.loads(meta_file.read_text()).get("token_spec")
-            exported = json.loads((Path(str(path)) / "config.json").read_text()).get("token_spec")
             if codes_spec is not None and exported != codes_spec:
                 raise ConfigError(
                     f"module.tokenizer_path={path} makes tokens {exported}, but the codes in "
@@ -262,19 +265,15 @@ def check_train(cfg: DictConfig) -> None:
 def check_sample(cfg: DictConfig) -> None:
     check_rules(cfg, SAMPLE_RULES)
     generator = export_config("generator_path", cfg.generator_path)
-    tokenizer = export_config("tokenizer_path", cfg.tokenizer_path)
     if generator["class"] not in GENERATOR_CLASSES:
-        swapped = (
-            " (generator_path and tokenizer_path swapped?)" if tokenizer["class"] in GENERATOR_CLASSES else ""
-        )
+        swapped = export_config("tokenizer_path", cfg.tokenizer_path)["class"] in GENERATOR_CLASSES
         raise ConfigError(
-            f"generator_path={cfg.generator_path} holds a {generator['class']}, not a generator{swapped}"
+            f"generator_path={cfg.generator_path} holds a {generator['class']}, not a generator"
+            + (" (generator_path and tokenizer_path swapped?)" if swapped else "")
         )
-    if tokenizer["class"] in GENERATOR_CLASSES:
-        raise ConfigError(f"tokenizer_path={cfg.tokenizer_path} holds a generator, not a tokenizer")
-    spec = json.loads((Path(str(cfg.tokenizer_path)) / "config.json").read_text()).get("token_spec") or {}
-    pairs = [("vocab_size", "vocab_size"), ("token_kind", "kind")]
-    for key, spec_key in pairs:  # the generator must have been trained on this tokenizer's tokens
+    spec = tokenizer_export("tokenizer_path", cfg.tokenizer_path)["token_spec"]
+    # the generator must have been trained on this tokenizer's tokens: generator key -> token spec key
+    for key, spec_key in (("vocab_size", "vocab_size"), ("num_tokens", "num_tokens"), ("token_kind", "kind")):
         made, decoded = generator.get(key), spec.get(spec_key)
         if key == "token_kind":
             made, decoded = made or "categorical", decoded or "categorical"
@@ -283,19 +282,11 @@ def check_sample(cfg: DictConfig) -> None:
                 f"generator_path={cfg.generator_path} makes tokens with {key}={made}, but tokenizer_path="
                 f"{cfg.tokenizer_path} decodes {spec_key}={decoded}: pass the tokenizer of its training codes"
             )
-    num_tokens = spec.get("num_tokens")
-    if num_tokens is not None and generator.get("num_tokens") not in (None, num_tokens):
-        raise ConfigError(
-            f"generator_path={cfg.generator_path} makes {generator['num_tokens']} tokens, but tokenizer_path="
-            f"{cfg.tokenizer_path} decodes {num_tokens}: pass the tokenizer whose codes it was trained on"
-        )
 
 
 def check_extract(cfg: DictConfig) -> None:
     check_rules(cfg, EXTRACT_RULES)
-    tokenizer = export_config("tokenizer_path", cfg.tokenizer_path)
-    if tokenizer["class"] in GENERATOR_CLASSES:
-        raise ConfigError(f"tokenizer_path={cfg.tokenizer_path} holds a generator, not a tokenizer")
+    tokenizer_export("tokenizer_path", cfg.tokenizer_path)
 
 
 def check_evaluate(cfg: DictConfig) -> None:
