@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from training.callbacks import ImageGrids, SkippedImages, Throughput
 from training.checkpoints import AtomicCheckpointIO, RandomStates
-from training.config import ConfigError, check_run_dir, compose_config, save_run_config
+from training.config import CONFIG_DIR, ConfigError, check_run_dir, compose_config, save_run_config
 from training.data import DataError
 from training.validation import check_train
 
@@ -94,7 +94,7 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # each job of a sweep gets its own stable folder
         cfg.paths.run_dir = HydraConfig.get().runtime.output_dir

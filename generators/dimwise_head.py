@@ -46,10 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sampling.common import filter_logits, guided_logits, sample_logits
-
 from .gpt import Block, KVCache, Rotary, run_blocks
 from .heads import DEFAULT_HEADS, Head, TokenEmbedding, register_head
+from .logits import filter_logits, guided_logits, sample_logits
 
 
 def _check_dimwise(vocab_size: int, token_dim: int | None) -> int:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tokenizers_vis.base import Exportable, register
+from core import Exportable, register
 
 from .gpt import Block, CachedBlocks, Rotary
 from .linear import PackedLinear
@@ -42,8 +42,8 @@ TARGET_KEYS = ("vocab_size", "num_tokens", "grid", "width", "rope_base", "token_
 @register("eagle")
 class EagleDrafter(CachedBlocks, Exportable, nn.Module):
     def __init__(self, target: dict, heads: int | None = None):
-        """target: the target GPT's config (`GPT.config`); heads: attention heads of the drafter's layer
-        (default: the target's)."""
+        """target: the target GPT's architecture (`GPT.architecture`); heads: attention heads of the
+        drafter's layer (default: the target's)."""
         super().__init__()
         target = {key: target[key] for key in TARGET_KEYS} | {"heads": target["heads"]}
         if target["token_kind"] != "categorical":
@@ -54,7 +54,7 @@ class EagleDrafter(CachedBlocks, Exportable, nn.Module):
         width = target["width"]
         if width % heads or (width // heads) % (2 if target["grid"] is None else 4):
             raise ValueError(f"EAGLE drafter heads={heads} does not fit the target's width {width} with RoPE")
-        self.config = dict(target=target, heads=heads)
+        self.target_architecture = target
         self.num_tokens, self.heads, self.head_dim = target["num_tokens"], heads, width // heads
         grid = None if target["grid"] is None else tuple(target["grid"])
         self.fc = PackedLinear(2 * width, width, bias=False)
@@ -70,16 +70,16 @@ class EagleDrafter(CachedBlocks, Exportable, nn.Module):
 
     @classmethod
     def for_target(cls, target: nn.Module, heads: int | None = None) -> EagleDrafter:
-        return cls(target.config, heads).bind(target)
+        return cls(target.architecture, heads).bind(target)
 
     def bind(self, target: nn.Module) -> EagleDrafter:
         """Attach the target whose embedding and head the drafter uses; its config must match."""
-        mine = self.config["target"]
+        mine, theirs = self.target_architecture, target.architecture
         for key in TARGET_KEYS + ("heads",):
-            if target.config.get(key) != mine[key]:
+            if theirs.get(key) != mine[key]:
                 raise ValueError(
                     f"this EAGLE drafter was trained for a target with {key}={mine[key]}, "
-                    f"the generator has {key}={target.config.get(key)}"
+                    f"the generator has {key}={theirs.get(key)}"
                 )
         self._target = [target]
         return self

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizers_vis.base import Exportable, register
+from core import Exportable, register
 
 from .heads import make_embedding, make_head
 from .linear import PackedLinear
@@ -404,24 +404,8 @@ class GPT(CachedBlocks, Exportable, nn.Module):
         rope_multiple = 2 if grid is None else 4  # 2D RoPE splits the rotary pairs between rows and columns
         if head_dim % rope_multiple:
             raise ValueError(f"GPT head dim {head_dim} must be a multiple of {rope_multiple} for RoPE")
-        self.config = dict(
-            vocab_size=vocab_size,
-            num_tokens=num_tokens,
-            num_classes=num_classes,
-            grid=grid,
-            size=size,
-            width=width,
-            depth=depth,
-            heads=heads,
-            label_dropout=label_dropout,
-            rope_base=rope_base,
-            token_kind=token_kind,
-            token_dim=token_dim,
-            head=head,
-            head_options=dict(head_options or {}),
-        )
         self.num_tokens, self.num_classes, self.label_dropout = num_tokens, num_classes, label_dropout
-        self.heads, self.head_dim = heads, head_dim
+        self.width, self.depth, self.heads, self.head_dim = width, depth, heads, head_dim
         self.class_embed = nn.Embedding(num_classes + 1, width)  # last row: the null class
         token_format = dict(token_dim=token_dim, head=head, **(head_options or {}))
         self.embed = make_embedding(token_kind, vocab_size, width, **token_format)
@@ -433,6 +417,12 @@ class GPT(CachedBlocks, Exportable, nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def architecture(self) -> dict:
+        """The constructor's arguments with the size preset resolved (width, depth, heads): what a model
+        bound to this one (an EAGLE drafter) must match."""
+        return {**self.config, "width": self.width, "depth": self.depth, "heads": self.heads}
 
     @property
     def null_class(self) -> int:

@@ -1,6 +1,6 @@
 """Heads and input embeddings: how a generator reads and predicts one position's token.
 
-The backbone (gpt.py) is the same for every kind of token in DESIGN.md's "Tokens" table; what changes is
+The backbone (gpt.py) is the same for every kind of token in core/tokens.py's table; what changes is
 
     embedding   tokens (B, T, *token_shape) -> vectors (B, T, D) fed to the backbone
     head        the backbone's hidden state at one position -> that position's token: `loss` trains it
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sampling.common import filter_logits, guided_logits, sample_logits
-from tokenizers_vis.base import TOKEN_KINDS
+from core import TOKEN_KINDS
 
 from .linear import PackedLinear
+from .logits import filter_logits, guided_logits, sample_logits
 
 
 class Head(nn.Module):

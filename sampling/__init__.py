@@ -1,4 +1,6 @@
-"""Samplers: (generator, conditions, settings) -> SampleResult (tokens + stats), one file per method."""
+"""Samplers: (generator, conditions, settings) -> SampleResult (tokens + stats), one file per method
+(ar, speculative incl. LANTERN, jacobi incl. GSD) on one decoding engine (engine.py); the registry of
+samplers by name (registry.py) and `generate`, class labels to decoded images in one call (generate.py)."""
 
 from .ar import sample_ar
 from .common import (
@@ -12,7 +14,9 @@ from .common import (
     sample_logits,
     sample_probs,
 )
+from .generate import Generated, generate
 from .jacobi import JACOBI_INITS, sample_jacobi
+from .registry import SAMPLERS, get_sampler, sampler_inputs
 from .speculative import (
     ACCEPTANCE_RULES,
     NEIGHBOUR_METRICS,
@@ -23,6 +27,11 @@ from .speculative import (
 )
 
 __all__ = [
+    "SAMPLERS",
+    "Generated",
+    "generate",
+    "get_sampler",
+    "sampler_inputs",
     "ACCEPTANCE_RULES",
     "CFG_SCHEDULES",
     "JACOBI_INITS",

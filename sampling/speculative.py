@@ -69,52 +69,26 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from generators.eagle import EagleDrafter
+from tokenizers_vis.quantizers import NEIGHBOUR_METRICS, nearest_codes  # noqa: F401  (NEIGHBOUR_METRICS re-exported)
 
 from .common import SampleResult, cfg_scale_at, compile_step, sample_probs
 from .engine import DecodeCounters, GuidedModel, Rows, check_num_tokens, decode_stats, verify
 
 ACCEPTANCE_RULES = ("exact", "lantern")
-NEIGHBOUR_METRICS = ("euclidean", "cosine")
 
 
 # ---- LANTERN: latent neighbourhoods and the relaxed target
 
 
-@torch.no_grad()
-def latent_neighbours(
-    code_vectors: torch.Tensor, k: int, metric: str = "euclidean", chunk: int = 1024
-) -> torch.Tensor:
-    """code_vectors (V, D) -> (V, k) long: for every code the k nearest other codes, nearest first.
-
-    metric "euclidean" (distance between vectors) or "cosine" (1 - cosine similarity). The code itself is
-    excluded; ties are broken by code index (stable sort), so the result is deterministic. Computed in
-    float64, `chunk` rows at a time (memory chunk x V).
-    """
-    if metric not in NEIGHBOUR_METRICS:
-        raise ValueError(f"neighbour metric {metric!r}; expected one of {NEIGHBOUR_METRICS}")
-    vectors = code_vectors.detach().double()  # (V, D)
-    size = vectors.shape[0]
+def latent_neighbours(code_vectors: torch.Tensor, k: int, metric: str = "euclidean") -> torch.Tensor:
+    """code_vectors (V, D) -> (V, k) long: for every code the k nearest *other* codes, nearest first
+    (tokenizers_vis.quantizers.nearest_codes without the code itself; float64, ties by index)."""
+    size = code_vectors.shape[0]
     if not 1 <= k < size:
         raise ValueError(f"k={k} neighbours; a codebook of {size} codes has 1 to {size - 1} other codes")
-    if metric == "cosine":
-        vectors = F.normalize(vectors, dim=-1)
-    squared = vectors.pow(2).sum(-1)  # (V,)
-    out = torch.empty(size, k, dtype=torch.long, device=vectors.device)
-    for start in range(0, size, chunk):
-        rows = vectors[start : start + chunk]  # (b, D)
-        if metric == "cosine":
-            distance = 1 - rows @ vectors.t()  # (b, V)
-        else:
-            distance = (
-                squared[start : start + chunk, None] + squared[None] - 2 * rows @ vectors.t()
-            ).clamp_min(0)
-        index = torch.arange(start, start + rows.shape[0], device=vectors.device)
-        distance[torch.arange(rows.shape[0]), index] = float("inf")  # never its own neighbour
-        out[start : start + chunk] = distance.sort(dim=-1, stable=True).indices[:, :k]
-    return out
+    return nearest_codes(code_vectors, k, metric=metric, include_self=False)
 
 
 def _codebook_digest(code_vectors: torch.Tensor) -> str:
@@ -132,7 +106,7 @@ def tokenizer_neighbours(folder, k: int, metric: str = "euclidean", tokenizer=No
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from tokenizers_vis.base import from_pretrained
+    from core import from_pretrained
 
     folder = Path(folder)
     if tokenizer is None:

@@ -69,10 +69,10 @@ from sampling import (  # noqa: E402
     sample_speculative,
     tokenizer_neighbours,
 )
-from scripts.evaluate import evaluate_gfid, resolve_extractor  # noqa: E402
 from tokenizers_vis.base import Tokens, from_pretrained  # noqa: E402
 from training.config import ConfigError, compose_config  # noqa: E402
 from training.data import to_uint8  # noqa: E402
+from training.evaluation import evaluate_gfid, resolve_extractor  # noqa: E402
 
 MAKE = {  # argument -> the command that makes its default export
     "--generator": "python train.py +experiment=gpt_quickstart",
@@ -415,7 +415,7 @@ def drafter_call_cost(drafter, target, batch: int, k: int, repeats: int, device:
     if isinstance(drafter, EagleDrafter):
         drafter.bind(target)
         drafter.setup_cache(rows, max_len=target.num_tokens + k + 1)
-        width = target.config["width"]
+        width = target.width
         drafter.decode(tokens[:, :1].expand(-1, middle), torch.zeros(rows, middle, width, device=device))
         features = torch.zeros(rows, k, width, device=device)
 

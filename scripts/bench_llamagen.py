@@ -51,7 +51,7 @@ def parse_args(argv=None):
 
 
 def to_llamagen(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our GPT's state dict -> LlamaGen's Transformer keys (the layout in ../shared/METHODS.md)."""
+    """Our GPT's state dict -> LlamaGen's Transformer keys (LlamaGen's gpt.py names)."""
     names = {
         "class_embed.weight": "cls_embedding.embedding_table.weight",
         "embed.table.weight": "tok_embeddings.weight",

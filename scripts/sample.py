@@ -1,4 +1,4 @@
-"""Sample class-conditional images from an exported generator and tokenizer.
+"""Sample class-conditional images from an exported generator and tokenizer into a folder.
 
     python scripts/sample.py generator_path=runs/gpt_quickstart/export \
         tokenizer_path=runs/titok_quickstart/export out=runs/gpt_quickstart/samples/cfg2 \
@@ -10,244 +10,31 @@ exported generator>` or `sampler.drafter=eagle sampler.drafter_path=<an exported
 neighbours are computed from the tokenizer once and cached beside its export. With a variable-length
 tokenizer (One-D-Piece, FlexTok), `num_tokens=k` generates k tokens and decodes that prefix.
 
-Writes `out/images/<global index>.png`, `out/samples.npz` (uint8 images (N, H, W, 3) + labels),
-`out/grid.png` (one row per class) and `out/stats.json` (forward passes, images/s, and under
-`sampler_stats` the sampler's own stats (tokens and accepted drafts per pass, acceptance rate, draft passes),
-each the mean over the batches sampled in this run, weighted by batch size).
-Labels are class-balanced (index i gets class i % num_classes). Every batch has its own seed, derived from
-the run's seed and the batch's first index, so a sample does not depend on how the work was split: with
-several ranks (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS, e.g. under srun) each rank writes a disjoint,
-contiguous index range (and its own `samples_rank<r>.npz`). Batches whose PNGs already exist are skipped,
-so an interrupted run resumes; `out/settings.json` records what the images depend on (the two models'
-weight fingerprints, the sampler settings, seed, batch size, token count, device), and a folder holding
-samples made with other settings is refused before anything is sampled, so it never mixes or returns them.
+ADM's 50,000-sample protocol (configs/protocol/adm50k.yaml): 50 samples of each of the 1000 ImageNet classes
+on a GPU, written as the sample batch ADM's evaluator reads; then `scripts/evaluate.py
+reference=adm_imagenet256` measures them against ADM's reference statistics:
+
+    python scripts/sample.py protocol=adm50k generator_path=runs/gpt_b_titok_l32_imagenet/export \
+        tokenizer_path=runs/titok_l32_imagenet/export out=runs/gpt_b_titok_l32_imagenet/adm50k \
+        sampler.cfg_scale=2
+
+Writes `out/images/<global index>.png`, `out/samples.npz` (uint8 images (N, H, W, 3) at ADM's key `arr_0`,
++ `labels`), `out/grid.png` and `out/stats.json`; under srun each rank writes its own index range, and an
+interrupted run resumes. Settings: configs/sample.yaml. What each file holds, how seeds, ranks and resuming
+work: training/sample_folder.py, which Python calls directly as `sample_folder(generator_path=...,
+tokenizer_path=..., out=..., num_samples=..., sampler={...})`.
 """
 
-from __future__ import annotations
-
-import json
-import math
-import os
 import sys
 from pathlib import Path
 
 import hydra
-import numpy as np
-import torch
-from omegaconf import DictConfig, OmegaConf
-from PIL import Image
-from torchvision.utils import save_image
-from tqdm import tqdm
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sampling.ar import sample_ar  # noqa: E402
-from sampling.common import SampleResult, batch_seed, class_balanced_labels  # noqa: E402
-from sampling.jacobi import sample_jacobi  # noqa: E402
-from sampling.speculative import sample_speculative, tokenizer_neighbours  # noqa: E402
-from tokenizers_vis.base import Tokens, from_pretrained  # noqa: E402
-from training.config import ConfigError, config_differences  # noqa: E402
-from training.data import to_uint8  # noqa: E402
-from training.metrics import weights_fingerprint  # noqa: E402
-from training.validation import check_sample  # noqa: E402
-
-
-def sample_uniform(
-    model,
-    labels: torch.Tensor,
-    num_tokens: int | None = None,
-    generator: torch.Generator | None = None,
-    **_,
-) -> SampleResult:
-    """Uniformly random tokens: the floor any trained generator must beat (no model call)."""
-    token_dim = model.config.get("token_dim")  # vector tokens: token_dim elements of vocab_size values each
-    shape = (len(labels), num_tokens or model.config["num_tokens"], *([token_dim] if token_dim else []))
-    tokens = torch.randint(model.config["vocab_size"], shape, generator=generator, device=labels.device)
-    return SampleResult(tokens, labels, {"forward_passes": 0, "tokens_per_pass": 0.0, "wall_time": 0.0})
-
-
-SAMPLERS = {
-    "ar": sample_ar,
-    "uniform": sample_uniform,
-    "speculative": sample_speculative,
-    "lantern": sample_speculative,
-    "sjd": sample_jacobi,
-    "gsd": sample_jacobi,
-}
-
-
-DRAFTERS = {  # sampler.drafter -> the exported class it loads, and the experiment that trains one
-    "gpt": ("gpt", "python train.py +experiment=gpt_draft_quickstart"),
-    "eagle": ("eagle", "python train.py +experiment=eagle_quickstart"),
-}
-
-
-def load_drafter(kind: str, path, generator, device):
-    """sampler.drafter / sampler.drafter_path -> the drafter module (checked against the generator)."""
-    if kind not in DRAFTERS:
-        raise ValueError(f"sampler.drafter={kind!r}; expected one of {sorted(DRAFTERS)}")
-    registry_name, make = DRAFTERS[kind]
-    if not path or not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"sampler.drafter_path={path!r} is not an exported {kind} drafter folder (train one: {make})"
-        )
-    drafter = from_pretrained(path, device=device)
-    if drafter.registry_name != registry_name:
-        raise ValueError(
-            f"sampler.drafter_path={path} holds a {drafter.registry_name!r} model, not a {kind} drafter: "
-            f"set sampler.drafter={'gpt' if drafter.registry_name == 'gpt' else 'eagle'}"
-        )
-    if kind == "eagle":
-        drafter.bind(generator)  # its target config must be the generator's
-    return drafter
-
-
-def sampler_inputs(settings: dict, tokenizer_path, tokenizer, generator, device) -> dict:
-    """The sampler's keyword arguments from its config: `drafter` / `drafter_path` become `draft` (a GPT or
-    an EAGLE drafter), `neighbours_k` / `neighbours_metric` become `neighbours` (latent neighbours of the
-    tokenizer's codes, cached beside its export); every other setting passes through."""
-    inputs = dict(settings)
-    if "drafter_path" in inputs:
-        kind, path = inputs.pop("drafter", "gpt"), inputs.pop("drafter_path")
-        inputs["draft"] = load_drafter(kind, path, generator, device)
-    if "neighbours_k" in inputs:
-        k, metric = inputs.pop("neighbours_k"), inputs.pop("neighbours_metric", "euclidean")
-        inputs["neighbours"] = tokenizer_neighbours(tokenizer_path, k, metric, tokenizer=tokenizer).to(device)
-    return inputs
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    for rank_var, world_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank_var in os.environ and world_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ[world_var])
-    return 0, 1
-
-
-def index_range(num_samples: int, rank: int, world_size: int) -> range:
-    per_rank = math.ceil(num_samples / world_size)
-    return range(min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples))
-
-
-# Settings that do not change the images: more samples extend a run; grid, npz and compile are output/speed.
-NOT_IN_IMAGES = ("num_samples", "out", "grid", "grid_per_class", "npz")
-
-
-def image_settings(cfg: DictConfig) -> dict:
-    """What out/images/*.png depend on; model folders by the fingerprint of their weights."""
-    settings = {
-        key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-        for key, value in cfg.items()
-        if key not in NOT_IN_IMAGES and key != "paths"  # paths: machine-specific folders
-    }
-    settings["sampler"] = {k: v for k, v in settings["sampler"].items() if k != "compile"}
-    for key in ("generator_path", "tokenizer_path"):
-        settings[key] = {"path": settings[key], "weights": weights_fingerprint(settings[key])}
-    if settings["sampler"].get("drafter_path"):
-        path = settings["sampler"]["drafter_path"]
-        settings["sampler"]["drafter_path"] = {"path": path, "weights": weights_fingerprint(path)}
-    return settings
-
-
-def check_output_folder(out: Path, settings: dict) -> None:
-    """Refuse a folder whose samples were made with other settings (run() records them once every input
-    was checked, so a start that fails leaves nothing that blocks the corrected rerun)."""
-    record = out / "settings.json"
-    if record.is_file():
-        saved = json.loads(record.read_text())
-        changed = config_differences(saved, settings)
-        if changed:
-            shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
-            raise ConfigError(
-                f"out={out} holds samples made with other settings ({shown} differ); "
-                "choose another out or delete that folder"
-            )
-        return
-    if (out / "images").is_dir() and any((out / "images").iterdir()):
-        raise ConfigError(
-            f"out={out} holds images without a record of their settings (no settings.json); "
-            "choose another out or delete that folder"
-        )
-
-
-def run(cfg: DictConfig) -> dict:
-    out, device = Path(cfg.out), torch.device(cfg.device)
-    check_sample(cfg)  # settings and the two model folders, before any model is loaded
-    generator = from_pretrained(cfg.generator_path, device=device)
-    tokenizer = from_pretrained(cfg.tokenizer_path, device=device)
-    settings = OmegaConf.to_container(cfg.sampler, resolve=True)
-    name = settings.pop("name")
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler.name={name!r}; choose one of {sorted(SAMPLERS)}")
-    sampler = SAMPLERS[name]
-    inputs = sampler_inputs(settings, cfg.tokenizer_path, tokenizer, generator, device)
-    num_tokens = cfg.num_tokens  # None: all N; k < N: a k-token prefix (variable-length tokenizers)
-    most = generator.config["num_tokens"]
-    if num_tokens is not None and not 1 <= num_tokens <= most:
-        raise ValueError(f"num_tokens={num_tokens}; the generator makes 1 to {most} tokens")
-    settings_record = image_settings(cfg)  # every input checked: now the folder, before any sampling
-    check_output_folder(out, settings_record)
-    num_classes = generator.config["num_classes"]
-    labels = class_balanced_labels(cfg.num_samples, num_classes)
-    rank, world_size = rank_and_world_size()
-    indices = index_range(cfg.num_samples, rank, world_size)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(settings_record, indent=2) + "\n")
-
-    images, stats = [], {"forward_passes": 0, "tokens": 0, "wall_time": 0.0, "images": 0}
-    sampler_stats: dict[str, float] = {}  # sum over batches of stat * batch size
-    batches = [indices[i : i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
-    for batch in tqdm(batches, desc=f"sampling ({name}, rank {rank}/{world_size})", unit="batch"):
-        paths = [out / "images" / f"{i:06d}.png" for i in batch]
-        if all(p.is_file() for p in paths):  # done in an earlier, interrupted run
-            images += [np.asarray(Image.open(p)) for p in paths]
-            continue
-        seed = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, batch[0]))
-        batch_labels = labels[batch[0] : batch[-1] + 1].to(device)
-        result = sampler(generator, labels=batch_labels, num_tokens=num_tokens, generator=seed, **inputs)
-        tokens = Tokens(generator.config.get("token_kind", "categorical"), result.tokens)  # (b, k)
-        pixels = to_uint8(tokenizer.decode(tokens, num_tokens=num_tokens))  # (b, H, W, 3)
-        for path, pixel in zip(paths, pixels, strict=True):
-            Image.fromarray(pixel).save(path)
-        images += list(pixels)
-        stats["forward_passes"] += result.stats["forward_passes"] * len(batch)
-        stats["tokens"] += result.tokens.numel()
-        stats["wall_time"] += result.stats["wall_time"]
-        stats["images"] += len(batch)
-        for key, value in result.stats.items():
-            if key != "wall_time" and isinstance(value, int | float):
-                sampler_stats[key] = sampler_stats.get(key, 0.0) + value * len(batch)
-
-    array = np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
-    label_array = labels[indices.start : indices.stop].numpy()
-    if cfg.npz:
-        npz = out / ("samples.npz" if world_size == 1 else f"samples_rank{rank}.npz")
-        np.savez(npz, images=array, labels=label_array)
-    summary = {
-        "sampler": name,
-        **settings,
-        "num_samples": len(indices),
-        "num_tokens": num_tokens or generator.config["num_tokens"],
-        "forward_passes_per_image": stats["forward_passes"] / max(1, stats["images"]),
-        "images_per_second": stats["images"] / stats["wall_time"] if stats["wall_time"] else None,
-        "sampler_stats": {key: total / stats["images"] for key, total in sampler_stats.items()},
-    }
-    if rank == 0:
-        if cfg.grid and len(array):
-            save_grid(array, label_array, num_classes, cfg.grid_per_class, out / "grid.png")
-        (out / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"{len(indices)} samples in {out} (grid: {out / 'grid.png'})")
-    return summary
-
-
-def save_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int, path: Path) -> None:
-    """One row per class (the first `per_class` samples of each), upscaled so small images stay visible."""
-    rows = [images[labels == c][:per_class] for c in range(num_classes)]
-    rows = [r for r in rows if len(r)]
-    per_class = min(per_class, min(len(r) for r in rows))
-    picked = torch.from_numpy(np.concatenate([r[:per_class] for r in rows])).permute(0, 3, 1, 2)
-    scale = max(1, 64 // picked.shape[-1])
-    picked = torch.nn.functional.interpolate(picked.float() / 255, scale_factor=scale, mode="nearest")
-    save_image(picked, path, nrow=per_class, padding=2)
+from training.config import ConfigError  # noqa: E402
+from training.sample_folder import run  # noqa: E402
 
 
 @hydra.main(config_path="../configs", config_name="sample", version_base="1.3")

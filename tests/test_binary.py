@@ -16,11 +16,11 @@ from generators.heads import DEFAULT_HEADS, make_head
 from sampling.ar import sample_ar
 from sampling.common import filter_logits, sample_logits
 from scripts.extract_codes import extract
-from scripts.sample import run as sample_run
 from tokenizers_vis import Tokens, from_pretrained
 from tokenizers_vis.binary import BinaryTiTok
 from tokenizers_vis.quantizers import BinaryQuantizer
 from training.config import compose_config
+from training.sample_folder import run as sample_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # shared CPUs: one thread is much faster
 

@@ -95,7 +95,7 @@ def test_experiment_composes_and_instantiates(name, vgg_file, vae_folder, fq_tea
     with torch.device("cpu" if posttrain else "meta"):  # the published sizes, without allocating weights
         module = instantiate(cfg.module)
     if "target_path" in cfg.module:
-        assert module.drafter.config["target"]["width"] == module.target.config["width"]
+        assert module.drafter.target_architecture["width"] == module.target.width
     elif "tokenizer" in cfg or posttrain:
         assert module.tokenizer.config["image_size"] == cfg.data.resolution
     else:

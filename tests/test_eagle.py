@@ -33,7 +33,7 @@ def drafter_for(target, seed=0):
 def test_cached_drafting_matches_teacher_forcing(target):
     drafter = drafter_for(target)
     tokens = torch.randint(4, (3, N), generator=seeded(1))
-    features = torch.randn(3, N, target.config["width"], generator=seeded(2))
+    features = torch.randn(3, N, target.width, generator=seeded(2))
     full = drafter(tokens, features)  # (B, N, D)
     drafter.setup_cache(3)
     steps = [drafter.decode(tokens[:, :2], features[:, :2])]
@@ -50,7 +50,7 @@ def test_export_round_trip_and_binding(target, tmp_path):
     drafter = drafter_for(target)
     drafter.save_pretrained(tmp_path / "eagle")
     loaded = from_pretrained(tmp_path / "eagle").bind(target)
-    tokens, features = torch.randint(4, (2, N)), torch.randn(2, N, target.config["width"])
+    tokens, features = torch.randint(4, (2, N)), torch.randn(2, N, target.width)
     with torch.no_grad():
         assert torch.allclose(loaded(tokens, features), drafter(tokens, features))
     assert not any(k.startswith(("embed", "head")) for k in loaded.state_dict())  # the target's, not stored

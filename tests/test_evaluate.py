@@ -1,4 +1,5 @@
-"""scripts/evaluate.py end to end on tiny sets: rfid, gfid (npz and folder), folders, extractor choice."""
+"""training/evaluation.py (scripts/evaluate.py) end to end on tiny sets: rfid (+ LPIPS), gfid (npz, ADM's npz,
+folder, reference statistics), folders, extractor choice."""
 
 import json
 import os
@@ -9,15 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
+from safetensors.torch import save_file
 
 import training.data
-from scripts.evaluate import run
 from tokenizers_vis.onedpiece import OneDPiece
 from tokenizers_vis.titok import TiTok
+from training import evaluation
 from training.config import ConfigError, compose_config
 from training.data import PhotosDataModule, to_uint8
-from training.feature_net import ensure_feature_net
+from training.evaluation import run
+from training.feature_net import ensure_feature_net, load_feature_net
 
 REPO = Path(__file__).resolve().parent.parent
 CHANCE = 1 / 17
@@ -140,6 +144,147 @@ def test_floor_scores_reconstructed_training_crops_outside_the_reference(workspa
     assert torch.equal(seen[0], first), "floor reconstructs the crops after the reference's"
     assert lossless["fid[photos-net]"] < untrained["fid[photos-net]"] / 2
     assert lossless["cond_accuracy"] > untrained["cond_accuracy"]
+
+
+def test_gfid_reads_adm_sample_batches(workspace):
+    """ADM's samplers write the images at arr_0 and class labels at arr_1: the same numbers as our layout."""
+    ours, adm = workspace / "samples.npz", workspace / "adm" / "samples.npz"
+    adm.parent.mkdir()
+    with np.load(ours) as npz:
+        np.savez(adm, arr_0=npz["images"], arr_1=npz["labels"])
+    common = ("mode=gfid", "reference_samples=64")
+    expected = evaluate(workspace, *common, f"samples={ours}", f"out={workspace / 'ours.json'}")
+    result = evaluate(workspace, *common, f"samples={adm}")
+    assert result["fid[photos-net]"] == pytest.approx(expected["fid[photos-net]"])
+    assert result["cond_accuracy"] == expected["cond_accuracy"] and result["num_samples"] == 34
+
+
+# ----------------------------------------------------------------------------- reference statistics
+def photos_net_statistics(workspace, path, shift=0.0):
+    """mu / sigma of photos-net's features of the workspace's samples, mu shifted by `shift`, saved as ADM's
+    reference batches hold them -> the feature dimension."""
+    net = load_feature_net(ensure_feature_net(16, workspace / "nets"))
+    with np.load(workspace / "samples.npz") as npz:
+        images = torch.from_numpy(npz["images"]).permute(0, 3, 1, 2)  # uint8 (34, 3, 16, 16)
+    with torch.no_grad():
+        features = net(images)[0].double().numpy()  # (34, D)
+    np.savez(path, mu=features.mean(0) + shift, sigma=np.cov(features, rowvar=False))
+    return features.shape[1]
+
+
+def evaluate_settings(workspace, **settings):
+    """evaluation.evaluate(), the keyword API, with the workspace's photos-net and cache."""
+    common = dict(feature_net={"root": workspace / "nets", "resolution": 16}, cache_root=workspace / "cache")
+    return evaluation.evaluate(**common, force=True, **settings)
+
+
+def test_gfid_against_reference_statistics_of_the_samples_own_features(workspace):
+    same, shifted = workspace / "same_stats.npz", workspace / "shifted_stats.npz"
+    dimension = photos_net_statistics(workspace, same)
+    photos_net_statistics(workspace, shifted, shift=1.0)
+    samples = workspace / "samples.npz"
+    common = dict(samples=samples, extractor="photos-net", reference_data="recorded")  # no data is read
+    result = evaluate_settings(workspace, mode="gfid", reference_stats=same, **common)
+    assert abs(result["fid[photos-net]"]) < 1e-2 and "is[photos-net]" in result
+    assert "precision[photos-net]" not in result, "precision/recall need reference images"
+    assert result["reference_stats"] == str(same) and result["num_reference"] is None
+    assert "cond_accuracy" not in result and f"{dimension}-d features" in result["reference"]
+    far = evaluate_settings(
+        workspace, mode="gfid", reference_stats=shifted, out=workspace / "far.json", **common
+    )
+    assert far["fid[photos-net]"] == pytest.approx(dimension, abs=0.5)  # |mu shift|^2 = D * 1^2
+
+
+def test_reference_statistics_are_checked_before_any_feature_is_computed(workspace):
+    samples, stats = workspace / "samples.npz", workspace / "checked"
+    stats.mkdir()
+    np.savez(stats / "inception.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    np.savez(stats / "no_sigma.npz", mu=np.zeros(8), mu_s=np.zeros(8))
+    np.savez(stats / "pickled.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(1))
+    common = dict(mode="gfid", samples=samples)
+    with pytest.raises(ValueError, match="2048-d features .*Inception's.* are 256-d"):
+        evaluate_settings(
+            workspace, **common, reference_stats=stats / "inception.npz", extractor="photos-net"
+        )
+    with pytest.raises(ConfigError, match="no mu and sigma"):
+        evaluate_settings(workspace, **common, reference_stats=stats / "no_sigma.npz")
+    with pytest.raises(ConfigError, match="not a readable .npz"):  # np.load(allow_pickle=False)
+        evaluate_settings(workspace, **common, reference_stats=stats / "pickled.npz")
+    with pytest.raises(FileNotFoundError, match="paths.inception_weights"):  # auto: ADM's are Inception's
+        evaluate_settings(workspace, **common, reference_stats=stats / "inception.npz")
+    with pytest.raises(ConfigError, match="reference_stats is the reference of mode=gfid"):
+        evaluate_settings(
+            workspace,
+            mode="folders",
+            input1=workspace / "photos",
+            input2=workspace / "photos",
+            reference_stats=stats / "inception.npz",
+        )
+
+
+def test_adm_reference_preset_needs_its_statistics_and_50000_samples(workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the preset's default: ADM's file name, in the working directory
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ConfigError, match="reference_stats=VIRTUAL_imagenet256_labeled.npz does not exist"):
+        evaluation.evaluate(
+            "gfid", reference="adm_imagenet256", samples=workspace / "samples.npz", force=True
+        )
+    with pytest.raises(ConfigError, match="min_samples=50000"):
+        evaluation.evaluate(
+            "gfid",
+            reference="adm_imagenet256",
+            samples=workspace / "samples.npz",
+            reference_stats=tmp_path / "stats.npz",
+        )
+
+
+# ----------------------------------------------------------------------------- LPIPS
+@pytest.fixture(scope="module")
+def vgg_weights(tmp_path_factory):
+    """A randomly initialised torchvision VGG16 trunk in its state-dict layout, saved with safetensors, and an
+    LPIPS linear-layer file of ones (the same weighting as none)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("lpips")
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    save_file(
+        {f"features.{k}": v.contiguous() for k, v in features.state_dict().items()},
+        root / "vgg16.safetensors",
+    )
+    channels = (64, 128, 256, 512, 512)
+    save_file(
+        {f"lin{i}.model.1.weight": torch.ones(1, c, 1, 1) for i, c in enumerate(channels)},
+        root / "lin.safetensors",
+    )
+    return root / "vgg16.safetensors", root / "lin.safetensors"
+
+
+def test_rfid_reports_lpips_from_local_weights_and_omits_it_without(
+    workspace, vgg_weights, monkeypatch, capsys
+):
+    tokenizer = workspace / "lpips_tokenizer"
+    TiTok(16, 4, "tiny", width=32, depth=1, heads=2, num_tokens=8, codebook_size=64).save_pretrained(
+        tokenizer
+    )
+    vgg, linear = vgg_weights
+    common = ("mode=rfid", f"tokenizer_path={tokenizer}", "data.val_per_class=2")
+    plain = evaluate(workspace, *common)
+    assert not any(key.startswith("lpips") for key in plain), "no weights: no column, never downloaded"
+    assert "lpips: not measured, paths.vgg_weights is not set" in capsys.readouterr().out
+
+    monkeypatch.setattr(TiTok, "reconstruct", lambda self, images: images)  # LPIPS(x, x)
+    same = evaluate(workspace, *common, f"paths.vgg_weights={vgg}")
+    assert same["lpips[vgg-baseline]"] == 0 and same["lpips_weights"] == {"vgg": str(vgg), "linear": None}
+    noise = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(TiTok, "reconstruct", lambda self, x: x + 0.3 * torch.randn(x.shape, generator=noise))
+    noisy = evaluate(workspace, *common, f"paths.vgg_weights={vgg}")
+    assert noisy["lpips[vgg-baseline]"] > 0 and {"psnr", "ssim"} <= set(noisy)
+    calibrated = evaluate(workspace, *common, f"paths.vgg_weights={vgg}", f"paths.lpips_weights={linear}")
+    assert "lpips[vgg-baseline]" not in calibrated and calibrated["lpips[vgg]"] > 0  # layers of ones
+
+    with pytest.raises(ConfigError, match="paths.vgg_weights=.*does not exist"):
+        evaluate(workspace, *common, f"paths.vgg_weights={workspace / 'absent.safetensors'}")
+    with pytest.raises(ConfigError, match="set paths.vgg_weights too"):
+        evaluate(workspace, *common, f"paths.lpips_weights={linear}")
 
 
 def test_auto_extractor_is_inception_when_its_weights_are_set(workspace):

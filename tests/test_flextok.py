@@ -262,7 +262,7 @@ def test_export_and_from_pretrained_round_trip(tmp_path):
     folder = model.save_pretrained(tmp_path / "export")
     loaded = from_pretrained(folder)
     assert isinstance(loaded, FlexTok) and loaded.token_spec == model.token_spec
-    assert json.loads((folder / "config.json").read_text())["class"] == "flextok"
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "flextok"
     x = images()
     tokens = model.encode(x)
     assert torch.equal(tokens.data, loaded.encode(x).data)
@@ -272,9 +272,13 @@ def test_export_and_from_pretrained_round_trip(tmp_path):
 def test_from_preset_and_sizes():
     with torch.device("meta"):  # the published sizes without allocating them
         model = FlexTok.from_preset("d18-d28", image_size=256, first_stage="pixels")
-    c = model.config
-    assert (c["width"], c["depth"], c["decoder_width"], c["decoder_depth"]) == (1152, 18, 1792, 28)
-    assert len(model.encoder.blocks) == 18 and len(model.decoder.blocks) == 28
+    encoder, decoder = model.encoder.blocks, model.decoder.blocks
+    assert (encoder[0].qkv.in_features, len(encoder), decoder[0].qkv.in_features, len(decoder)) == (
+        1152,
+        18,
+        1792,
+        28,
+    )
     assert model.token_spec.vocab_size == 64000 and model.token_spec.num_tokens == 256
     assert FLEXTOK_SIZES["d18"] == dict(width=1152, depth=18, heads=18)
 
@@ -386,7 +390,8 @@ def test_experiments_compose(vae_folder):
     assert paper.trainer.precision == "bf16-mixed"
     with torch.device("meta"):
         module = instantiate(paper.module)
-    assert module.tokenizer.config["decoder_depth"] == 18 and module.tokenizer.config["width"] == 1152
+    tokenizer = module.tokenizer
+    assert len(tokenizer.decoder.blocks) == 18 and tokenizer.encoder.blocks[0].qkv.in_features == 1152
     with pytest.raises(Exception, match="paths.flextok_vae"):
         instantiate(compose_config(["+experiment=flextok_d18_d18_imagenet"]).tokenizer)
 

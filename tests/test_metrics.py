@@ -16,12 +16,15 @@ from scripts.train_feature_net import main as train_feature_net_main
 from training.data import PhotosDataModule
 from training.feature_net import PhotosNet, PhotosNetExtractor, ensure_feature_net, load_feature_net
 from training.metrics import (
+    INCEPTION_FEATURES,
     FidelityImages,
     conditional_accuracy,
+    feature_dimension,
     image_metrics,
     inception_weights,
     isc_splits,
     psnr,
+    reference_statistics,
     ssim,
     uint8_images,
     weights_fingerprint,
@@ -74,7 +77,8 @@ def test_photos_net_extractor_never_downloads():
 
 def test_saved_net_records_resolution_classes_and_accuracy(net_path):
     meta = json.loads((net_path / "config.json").read_text())
-    assert meta["config"]["resolution"] == 16 and len(meta["config"]["classes"]) == 17
+    assert meta["model_type"] == "photos-net"
+    assert meta["resolution"] == 16 and len(meta["classes"]) == 17
     assert meta["val_accuracy"] > 2 * CHANCE
     net = load_feature_net(net_path)
     assert net.report["val_accuracy"] == meta["val_accuracy"] and not net.training
@@ -187,6 +191,51 @@ def test_a_malicious_cache_file_is_never_executed(net_path, val_crops, tmp_path)
     # the bad file was replaced by real features: the next call reads them
     assert metrics(images, images, net_path, tmp_path, cache_name="ref") == pytest.approx(result)
     assert not marker.exists()
+
+
+def test_fid_against_reference_statistics_of_the_same_features(net_path, val_crops, tmp_path):
+    """Statistics written as ADM's reference batches hold them: FID ~ 0 against the images they summarise,
+    and |mu shift|^2 against shifted ones; precision/recall need images and are left out."""
+    images = uint8_images(val_crops[0])  # (34, 3, 16, 16)
+    with torch.no_grad():
+        features = load_feature_net(net_path)(images)[0].double().numpy()  # (34, D)
+    dimension = feature_dimension("photos-net", net_path)
+    assert features.shape[1] == dimension and feature_dimension("inception", None) == INCEPTION_FEATURES
+    for name, shift in (("same", 0.0), ("shifted", 0.5)):
+        np.savez(tmp_path / f"{name}.npz", mu=features.mean(0) + shift, sigma=np.cov(features, rowvar=False))
+    same = metrics(
+        images, None, net_path, tmp_path, reference_stats=reference_statistics(tmp_path / "same.npz")
+    )
+    assert abs(same["fid[photos-net]"]) < 1e-2 and "precision[photos-net]" not in same
+    shifted = reference_statistics(tmp_path / "shifted.npz", dimension)
+    far = metrics(images, None, net_path, tmp_path, reference_stats=shifted)
+    assert far["fid[photos-net]"] == pytest.approx(dimension * 0.5**2, abs=0.1)
+    with pytest.raises(ValueError, match="input2 or against reference_stats"):
+        metrics(images, images, net_path, tmp_path, reference_stats=shifted)
+
+
+def test_reference_statistics_refuse_missing_keys_pickles_and_other_sizes(tmp_path):
+    np.savez(tmp_path / "adm.npz", mu=np.zeros(4, np.float32), sigma=np.eye(4), mu_s=np.zeros(2))
+    assert {k: v.dtype for k, v in reference_statistics(tmp_path / "adm.npz", 4).items()} == {
+        "mu": np.float64,
+        "sigma": np.float64,
+    }
+    with pytest.raises(ValueError, match=r"4-d features, but the extractor's features are 2048-d"):
+        reference_statistics(tmp_path / "adm.npz", 2048)
+    np.savez(tmp_path / "inception.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match="2048-d features .Inception's: extractor=inception."):
+        reference_statistics(tmp_path / "inception.npz", 256)
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"has no mu and sigma \(keys: arr_0\)"):
+        reference_statistics(tmp_path / "samples.npz")
+    np.savez(tmp_path / "shapes.npz", mu=np.zeros(4), sigma=np.eye(3))
+    with pytest.raises(ValueError, match="must be"):
+        reference_statistics(tmp_path / "shapes.npz")
+    np.savez(tmp_path / "pickled.npz", mu=np.array([Fraction(1, 2)], dtype=object), sigma=np.eye(1))
+    with pytest.raises(ValueError, match="not a readable .npz"):  # never unpickled
+        reference_statistics(tmp_path / "pickled.npz")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        reference_statistics(tmp_path / "absent.npz")
 
 
 def test_small_sets_shrink_is_splits_and_skip_precision_recall(net_path, val_crops, tmp_path):

@@ -9,10 +9,11 @@ from conftest import TINY_SIZES, TINY_TRAINER
 
 import train
 from generators.gpt import GPT
-from scripts.evaluate import run as evaluate_run
 from tokenizers_vis import FlexTok, OneDPiece, TiTok, from_pretrained
-from tokenizers_vis.perturb import LatentPerturbation, nearest_codes, schedule_factor
+from tokenizers_vis.perturb import LatentPerturbation, schedule_factor
+from tokenizers_vis.quantizers import nearest_codes
 from training.config import ConfigError, compose_config
+from training.evaluation import run as evaluate_run
 from training.feature_net import ensure_feature_net
 from training.posttrain_module import DecoderPosttrainModule, teacher_forced_mix
 
@@ -61,7 +62,7 @@ def test_replaced_codes_are_among_the_delta_nearest():
     assert result.replaced.float().mean() > 0.7  # (delta - 1) / delta = 0.8 of the tokens move
     for old, new in zip(codes[result.replaced].tolist(), result.codes[result.replaced].tolist(), strict=True):
         assert new in nearest[old].tolist()
-    assert torch.equal(nearest_codes(torch.arange(50), vectors, 5), nearest)
+    assert torch.equal(nearest_codes(vectors, 5, torch.arange(50), dtype=torch.float32), nearest)
     capped = LatentPerturbation(alpha=1.0, beta=1.0, delta=1000).perturb_codes(codes, vectors)
     assert int(capped.codes.max()) < 50  # delta beyond the codebook means "any code"
 

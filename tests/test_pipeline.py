@@ -12,12 +12,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
-from scripts.evaluate import run as evaluate_run
 from scripts.extract_codes import extract
-from scripts.sample import index_range
-from scripts.sample import run as sample_run
 from tokenizers_vis import from_pretrained
 from training.config import ConfigError, compose_config
+from training.evaluation import run as evaluate_run
+from training.sample_folder import index_range
+from training.sample_folder import run as sample_run
 
 TINY_GPT = [
     "+experiment=gpt_quickstart",
@@ -112,12 +112,13 @@ def test_generator_trains_exports_and_samples(pipeline):
     assert summary["forward_passes_per_image"] == 8  # one pass per token with the cache
     assert len(list((root / "samples" / "images").glob("*.png"))) == 20
     npz = np.load(root / "samples" / "samples.npz")
-    assert npz["images"].shape == (20, 16, 16, 3) and npz["images"].dtype == np.uint8
+    assert npz.files == ["arr_0", "labels"], "the images once, at ADM's key: no second copy"
+    assert npz["arr_0"].shape == (20, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
     assert npz["labels"].tolist() == [i % 17 for i in range(20)]  # class-balanced
     assert (root / "samples" / "grid.png").is_file()
     # Rerunning finds every PNG and samples nothing new: identical npz.
     sample_run(sample_cfg)
-    assert np.array_equal(np.load(root / "samples" / "samples.npz")["images"], npz["images"])
+    assert np.array_equal(np.load(root / "samples" / "samples.npz")["arr_0"], npz["arr_0"])
     # The same folder with settings that change the images is refused before sampling, naming them;
     # more samples, or another grid, extend the run.
     changes = [
@@ -141,7 +142,7 @@ def test_generator_trains_exports_and_samples(pipeline):
     )
     summary = sample_run(prefix_cfg)
     assert summary["forward_passes_per_image"] == 3 and summary["num_tokens"] == 3
-    assert np.load(root / "prefix" / "samples.npz")["images"].shape == (4, 16, 16, 3)
+    assert np.load(root / "prefix" / "samples.npz")["arr_0"].shape == (4, 16, 16, 3)
     with pytest.raises(ValueError, match="num_tokens=9"):
         sample_run(compose_config([*sample_cfg_overrides(root, "bad"), "num_tokens=9"], config_name="sample"))
 

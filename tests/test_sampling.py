@@ -260,3 +260,23 @@ def test_sampling_reproduces_the_model_distribution(settings, expected, use_cach
     result = sample_ar(model, labels, generator=seeded(11), use_cache=use_cache, **settings)
     statistic, dof = chi_square(result.tokens, expected)
     assert statistic < CHI2_999[dof], f"chi-square {statistic:.1f} with {dof} degrees of freedom"
+
+
+def test_generate_returns_decoded_images_for_any_registered_sampler():
+    from generators import GPT
+    from sampling import SAMPLERS, generate
+    from tokenizers_vis import TiTok
+
+    torch.manual_seed(0)
+    tokenizer = TiTok(16, 8, "tiny", width=16, depth=1, heads=2, num_tokens=4, codebook_size=16).eval()
+    gpt = GPT(16, 4, 3, size="tiny", width=16, depth=1, heads=2).eval()
+    result = generate(gpt, tokenizer, labels=[0, 1, 2], cfg_scale=2.0, seed=3)
+    assert result.images.shape == (3, 3, 16, 16) and result.tokens.data.shape == (3, 4)
+    assert torch.equal(result.images, tokenizer.decode(result.tokens))  # the sampled tokens, decoded
+    again = generate(gpt, tokenizer, labels=torch.tensor([0, 1, 2]), cfg_scale=2.0, seed=3)
+    assert torch.equal(again.tokens.data, result.tokens.data)  # seeded
+    assert len(result.pil()) == 3 and result.pil()[0].size == (16, 16)
+    jacobi = generate(gpt, tokenizer, labels=[0, 1], sampler="sjd", window=2)
+    assert jacobi.stats["forward_passes"] >= 1 and "ar" in SAMPLERS
+    with pytest.raises(ValueError, match="sampler.name='nope'; choose one of"):
+        generate(gpt, tokenizer, labels=[0], sampler="nope")

@@ -24,7 +24,7 @@ def test_presets_shapes_and_gradients(size):
 def test_from_preset_parses_size_and_tokens():
     model = TiTok.from_preset("L-32", width=32, heads=4, depth=1, **TINY)
     assert model.config["size"] == "L" and model.token_spec.num_tokens == 32
-    assert TiTok.from_preset("S-128", width=32, depth=1, **TINY).config["heads"] == 8
+    assert TiTok.from_preset("S-128", width=32, depth=1, **TINY).encoder.trunk.blocks[0].attn.num_heads == 8
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5])

@@ -12,10 +12,10 @@ from generators.heads import DEFAULT_HEADS, make_embedding, make_head
 from sampling.ar import sample_ar
 from scripts.extract_codes import extract
 from scripts.fit_tokenbridge import fit as fit_script
-from scripts.sample import run as sample_run
 from tokenizers_vis import from_pretrained
 from tokenizers_vis.tokenbridge import DimwiseGaussianQuantizer, TokenBridge, gaussian_bins
 from training.config import compose_config
+from training.sample_folder import run as sample_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # shared CPUs: one thread is much faster
 

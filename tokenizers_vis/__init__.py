@@ -1,6 +1,6 @@
 """Visual tokenizers: one file per method, all behind the interface in base.py."""
 
-from . import binary, fq, perturb, tokenbridge  # noqa: F401  (registers their classes)
+from . import binary, fq, perturb, teachers, tokenbridge  # noqa: F401  (registers their classes)
 from .adaptive import decode_lengths, shortest_prefix
 from .base import Exportable, Tokenizer, Tokens, TokenSpec, from_pretrained, register
 from .flextok import FlexTok

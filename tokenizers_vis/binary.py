@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Tokenizer, Tokens, TokenSpec, register
+from .base import Tokens, TokenSpec, register
 from .quantizers import BinaryQuantizer
-from .titok import TITOK_SIZES, TiTokDecoder, TiTokEncoder
+from .titok import TiTokDecoder, TiTokEncoder, TiTokFamily, titok_shape
 
 
 @register("binary")
-class BinaryTiTok(Tokenizer):
+class BinaryTiTok(TiTokFamily):
     def __init__(
         self,
         image_size: int = 256,
@@ -63,52 +63,17 @@ class BinaryTiTok(Tokenizer):
         entropy_weight: float = 0.0,
     ):
         super().__init__()
-        if size not in TITOK_SIZES:
-            raise ValueError(f"BinaryTiTok size={size!r}; expected one of {sorted(TITOK_SIZES)}")
-        if image_size % patch_size:
-            raise ValueError(
-                f"BinaryTiTok image_size={image_size} is not a multiple of patch_size={patch_size}"
-            )
-        preset = TITOK_SIZES[size]
-        width, depth, heads = width or preset["width"], depth or preset["depth"], heads or preset["heads"]
-        self.config = dict(
-            image_size=image_size,
-            patch_size=patch_size,
-            size=size,
-            width=width,
-            depth=depth,
-            heads=heads,
-            num_tokens=num_tokens,
-            num_bits=num_bits,
-            temperature=temperature,
-            deterministic=deterministic,
-            entropy_weight=entropy_weight,
-        )
-        shape = dict(
-            image_size=image_size,
-            patch_size=patch_size,
-            width=width,
-            depth=depth,
-            heads=heads,
-            num_tokens=num_tokens,
-            code_dim=num_bits,
-        )
+        shape = titok_shape(type(self).__name__, image_size, patch_size, size, width, depth, heads)
+        shape.update(num_tokens=num_tokens, code_dim=num_bits)
+        self.num_tokens, self.num_bits = num_tokens, num_bits
         self.encoder = TiTokEncoder(**shape)  # its to_code: width -> K pre-activations
         self.quantizer = BinaryQuantizer(num_bits, temperature, deterministic, entropy_weight)
         self.decoder = TiTokDecoder(**shape)  # its from_code: the K -> width bit embedding matrix
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> BinaryTiTok:
-        """ "B-128" -> size B with 128 tokens; keyword arguments (num_bits=...) override anything else."""
-        size, num_tokens = name.split("-")
-        return cls(size=size, num_tokens=int(num_tokens), **overrides)
-
     @property
     def token_spec(self) -> TokenSpec:
-        c = self.config
-        return TokenSpec(
-            "binary", c["num_tokens"], vocab_size=2, code_dim=c["num_bits"], token_dim=c["num_bits"]
-        )
+        bits = self.num_bits
+        return TokenSpec("binary", self.num_tokens, vocab_size=2, code_dim=bits, token_dim=bits)
 
     def code_vectors(self) -> torch.Tensor:
         raise NotImplementedError(
@@ -123,9 +88,9 @@ class BinaryTiTok(Tokenizer):
     def decode(self, tokens: Tokens, num_tokens: int | None = None) -> torch.Tensor:
         """Tokens with bits (B, N, K) in {0, 1} -> images (B, 3, H, W), from the first num_tokens only."""
         bits = tokens.data if num_tokens is None else tokens.data[:, :num_tokens]  # (B, k, K)
-        if bits.dim() != 3 or bits.shape[-1] != self.config["num_bits"]:
+        if bits.dim() != 3 or bits.shape[-1] != self.num_bits:
             raise ValueError(
-                f"BinaryTiTok decodes bits (B, N, {self.config['num_bits']}); got shape {tuple(bits.shape)}"
+                f"BinaryTiTok decodes bits (B, N, {self.num_bits}); got shape {tuple(bits.shape)}"
             )
         return self.decoder(bits.to(self.decoder.latent_pos.dtype))
 

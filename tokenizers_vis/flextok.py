@@ -79,6 +79,7 @@ from torch import nn
 
 from .base import Tokenizer, Tokens, TokenSpec, register
 from .quantizers import FSQuantizer
+from .teachers import Frozen, load_teacher, required_path
 
 FLEXTOK_SIZES = {
     "tiny": dict(width=64, depth=2, heads=4),
@@ -174,31 +175,6 @@ def _embedding(*shape: int, std: float = 0.02) -> nn.Parameter:
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
-
-
-class _Frozen:
-    """A frozen network held outside the module tree: absent from state_dict() and parameters(), shared
-    (not copied) by copy.deepcopy, moved to the caller's device on first use."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module.requires_grad_(False).eval()
-
-    def __deepcopy__(self, memo) -> _Frozen:
-        return self
-
-    def on(self, device: torch.device) -> nn.Module:
-        if next(self.module.parameters()).device != device:
-            self.module.to(device)
-        return self.module
-
-
-def _missing(path, setting: str, what: str, fix: str, folder: bool) -> Path:
-    """The configured path, or a one-line FileNotFoundError naming the config setting."""
-    found = path is not None and (Path(path).is_dir() if folder else Path(path).is_file())
-    if found:
-        return Path(path)
-    problem = "is not set" if path is None else "does not exist"
-    raise FileNotFoundError(f"{what}: {setting}={None if path is None else str(path)!r} {problem} ({fix})")
 
 
 # ---- transformer -------------------------------------------------------------------------------------------
@@ -393,45 +369,20 @@ class FlexTok(Tokenizer):
         repa_layer = repa_layer or max(1, decoder_depth // 3)
         if not 1 <= repa_layer <= decoder_depth:
             raise ValueError(f"FlexTok repa_layer={repa_layer} outside 1..{decoder_depth}")
-        self.config = dict(
-            image_size=image_size,
-            first_stage=first_stage,
-            vae_path=None if vae_path is None else str(vae_path),
-            patch_size=patch_size,
-            size=size,
-            decoder_size=decoder_size,
-            width=width,
-            depth=depth,
-            heads=heads,
-            decoder_width=decoder_width,
-            decoder_depth=decoder_depth,
-            decoder_heads=decoder_heads,
-            mlp_ratio=mlp_ratio,
-            num_registers=num_registers,
-            levels=levels,
-            nested_dropout=nested_dropout,
-            register_dropout=register_dropout,
-            timestep_mean=timestep_mean,
-            timestep_std=timestep_std,
-            prediction=prediction,
-            min_time=min_time,
-            pure_noise_prob=pure_noise_prob,
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
-            repa_weights=None if repa_weights is None else str(repa_weights),
-            repa_teacher=repa_teacher,
-            repa_image_size=repa_image_size,
-            repa_layer=repa_layer,
-            repa_weight=repa_weight,
-            repa_hidden=repa_hidden,
+        self.num_registers, self.levels, self.prediction, self.min_time = (
+            num_registers,
+            levels,
+            prediction,
+            min_time,
         )
+        self.num_steps, self.guidance_scale, self.repa_layer = num_steps, guidance_scale, repa_layer
 
         # First stage: pixels, or a frozen VAE kept outside the module tree (module docstring).
-        self._vae: _Frozen | None = None
+        self._vae: Frozen | None = None
         channels, downsample = 3, 1
         self.latent_scale, self.latent_shift = 1.0, 0.0
         if first_stage == "vae":
-            self._vae = _Frozen(_load_vae(vae_path))
+            self._vae = Frozen(_load_vae(vae_path))
             vae_config = self._vae.module.config
             channels = vae_config.latent_channels
             downsample = 2 ** (len(vae_config.block_out_channels) - 1)
@@ -451,17 +402,24 @@ class FlexTok(Tokenizer):
         self.encoder = FlexTokEncoder(width=width, depth=depth, heads=heads, **common)
         self.decoder = FlexTokDecoder(width=decoder_width, depth=decoder_depth, heads=decoder_heads, **common)
 
-        self._teacher: _Frozen | None = None
+        self._teacher: Frozen | None = None
         self.repa_head: nn.Module | None = None
         if repa_weights is not None:
-            teacher = _load_teacher(repa_weights, repa_teacher, repa_image_size, grid)
-            self._teacher = _Frozen(teacher)
+            teacher = load_teacher(
+                repa_teacher,
+                repa_weights,
+                "paths.repa_weights",
+                "FlexTok REPA needs frozen teacher weights",
+                image_size=repa_image_size,
+                grid=grid,
+            )
+            self._teacher = Frozen(teacher)
             self.repa_head = nn.Sequential(
                 nn.Linear(decoder_width, repa_hidden),
                 nn.SiLU(),
                 nn.Linear(repa_hidden, repa_hidden),
                 nn.SiLU(),
-                nn.Linear(repa_hidden, teacher.num_features),
+                nn.Linear(repa_hidden, teacher.map_features),
             )
 
     @classmethod
@@ -473,9 +431,8 @@ class FlexTok(Tokenizer):
     # ---- interface -----------------------------------------------------------------------------------------
     @property
     def token_spec(self) -> TokenSpec:
-        c = self.config
         return TokenSpec(
-            "categorical", c["num_registers"], None, self.quantizer.codebook_size, len(c["levels"])
+            "categorical", self.num_registers, None, self.quantizer.codebook_size, len(self.levels)
         )
 
     def code_vectors(self) -> torch.Tensor:
@@ -507,9 +464,9 @@ class FlexTok(Tokenizer):
         """The decoder's output as a velocity: itself ("v" prediction) or, for "x" prediction (a clean
         estimate x0_hat), v = (x_t - x0_hat) / max(t, min_time). -> (v (B, C, h, w), features or None)"""
         out, features = self.decoder(x_t, registers, t, feature_layer)
-        if self.config["prediction"] == "v":
+        if self.prediction == "v":
             return out, features
-        t_ = t.clamp(min=self.config["min_time"]).view(-1, 1, 1, 1).to(out.dtype)
+        t_ = t.clamp(min=self.min_time).view(-1, 1, 1, 1).to(out.dtype)
         return (x_t - out) / t_, features
 
     def guided_velocity(
@@ -532,8 +489,8 @@ class FlexTok(Tokenizer):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Euler from t = 1 (noise) to t = 0: registers (B, R, W) -> latents (B, C, h, w) fp32."""
-        num_steps = num_steps or self.config["num_steps"]
-        scale = self.config["guidance_scale"] if guidance_scale is None else guidance_scale
+        num_steps = num_steps or self.num_steps
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
         batch, device = registers.shape[0], registers.device
         shape = (batch, self.latent_channels, self.latent_size, self.latent_size)
         x = torch.randn(shape, generator=generator, device=device)  # (B, C, h, w) at t = 1
@@ -557,10 +514,8 @@ class FlexTok(Tokenizer):
         min(k, tokens.lengths[b]) per row when lengths are set; the remaining registers are masked."""
         codes = tokens.data  # (B, N), N <= R
         batch, n = codes.shape
-        if n > self.config["num_registers"]:
-            raise ValueError(
-                f"{n} tokens per row, but this FlexTok has {self.config['num_registers']} registers"
-            )
+        if n > self.num_registers:
+            raise ValueError(f"{n} tokens per row, but this FlexTok has {self.num_registers} registers")
         keep = torch.full((batch,), n if num_tokens is None else min(num_tokens, n), device=codes.device)
         if tokens.lengths is not None:
             keep = torch.minimum(keep, tokens.lengths.to(codes.device).long())
@@ -598,7 +553,7 @@ class FlexTok(Tokenizer):
         noise = torch.randn_like(x0)
         t_ = t.view(batch, 1, 1, 1)
         x_t = (1 - t_) * x0 + t_ * noise
-        feature_layer = c["repa_layer"] if self.repa_head is not None else None
+        feature_layer = self.repa_layer if self.repa_head is not None else None
         v, features = self.velocity(x_t, registers, t, feature_layer)
         losses = {"flow": F.mse_loss(v.float(), noise - x0)}
         if self.repa_head is not None:
@@ -621,86 +576,25 @@ class FlexTok(Tokenizer):
         prediction = self.repa_head(features).float()  # (B, P, D_t)
         return 1 - F.cosine_similarity(prediction, target, dim=-1).mean()
 
-    def save_pretrained(self, folder):
+    def save_pretrained(self, folder, **kwargs):
         """Export for inference: without the REPA head, and with repa_weights=None in config.json."""
         head, config = self.repa_head, self.config
         self.repa_head, self.config = None, {**config, "repa_weights": None}
         try:
-            return super().save_pretrained(folder)
+            return super().save_pretrained(folder, **kwargs)
         finally:
             self.repa_head, self.config = head, config
 
 
 def _load_vae(vae_path) -> nn.Module:
-    folder = _missing(
+    folder = required_path(
         vae_path,
         "paths.flextok_vae",
         "FlexTok first_stage=vae needs a diffusers AutoencoderKL folder",
         "set paths.flextok_vae to a local AutoencoderKL folder (python scripts/train_autoencoder.py trains a "
         "small one on the embedded photos), or tokenizer.first_stage=pixels",
-        folder=True,
+        Path.is_dir,
     )
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False)
-
-
-class TimmPatchTeacher(nn.Module):
-    """A timm ViT (e.g. DINOv2): images (B, 3, H, W) in [-1, 1] -> patch features (B, D_t, h, w)."""
-
-    def __init__(self, model: nn.Module, image_size: int):
-        super().__init__()
-        self.model, self.image_size, self.num_features = model, image_size, model.num_features
-        cfg = model.pretrained_cfg
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
-
-    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        size = (self.image_size, self.image_size)
-        x = F.interpolate((images + 1) / 2, size=size, mode="bicubic", align_corners=False)
-        tokens = self.model.forward_features((x - self.mean) / self.std)[:, self.model.num_prefix_tokens :]
-        return rearrange(tokens, "b (h w) d -> b d h w", h=math.isqrt(tokens.shape[1]))
-
-
-class PhotosNetPatchTeacher(nn.Module):
-    """photos-net (training/feature_net.py): images in [-1, 1] -> its activation map whose side equals the
-    decoder grid, or the deepest one when none does, (B, D_t, h, w)."""
-
-    def __init__(self, net: nn.Module, grid: int):
-        super().__init__()
-        self.net = net
-        sides = [net.resolution >> i for i in range(len(net.config["widths"]))]
-        self.stage = sides.index(grid) if grid in sides else len(sides) - 1
-        self.num_features = net.config["widths"][self.stage]
-
-    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        size = (self.net.resolution, self.net.resolution)
-        if images.shape[-2:] != size:
-            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-        return self.net.feature_maps(images)[self.stage]
-
-
-def _load_teacher(weights, name: str, image_size: int, grid: int) -> nn.Module:
-    """The frozen REPA teacher: photos-net from its folder, or a timm model from a weights file."""
-    is_photos_net = name == "photos-net"
-    path = _missing(
-        weights,
-        "paths.repa_weights",
-        "FlexTok REPA needs frozen teacher weights",
-        "set paths.repa_weights to the photos-net folder (python scripts/train_feature_net.py), or null to "
-        "train without REPA"
-        if is_photos_net
-        else f"set paths.repa_weights to a timm {name} weights file, or null to train without REPA",
-        folder=is_photos_net,
-    )
-    if is_photos_net:
-        from training.feature_net import load_feature_net  # lazy: only this teacher needs it
-
-        return PhotosNetPatchTeacher(load_feature_net(path), grid)
-    import timm
-
-    overlay = dict(file=str(path))
-    model = timm.create_model(
-        name, pretrained=True, pretrained_cfg_overlay=overlay, img_size=image_size, num_classes=0
-    )
-    return TimmPatchTeacher(model, image_size)

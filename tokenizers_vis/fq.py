@@ -46,7 +46,7 @@ Deliberate choices (METHODS.md, "FQ: Factorized Quantization"):
   ignored). Images in [-1, 1] go to [0, 1], are resized to `teacher_image_size` and normalised with the
   model's own mean and std; the target is the pooled (CLS) feature. Nothing is downloaded: a missing path
   is a FileNotFoundError naming `paths.fq_teacher`. The teacher is frozen, in eval mode and held OUTSIDE the
-  module tree (flextok.py's `_Frozen`): not in state_dict() or parameters(), shared by deep copies (the EMA).
+  module tree (flextok.py's `Frozen`): not in state_dict() or parameters(), shared by deep copies (the EMA).
   On the meta device (shape-only instantiation, as tests/test_configs.py does for the published sizes)
   there is nothing to load into: the path is checked and the weights are not read.
 - Exports drop the alignment head and record teacher="none" (an exported tokenizer never needs the teacher).
@@ -63,18 +63,16 @@ alignment 0.5; rFID 0.94 (dual) / 0.76 (triple) at 16x downsampling.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Tokenizer, Tokens, TokenSpec, register
-from .flextok import _Frozen
+from .base import Tokens, TokenSpec, register
 from .quantizers import VectorQuantizer, code_histogram_stats
-from .titok import TITOK_SIZES, TiTokDecoder, TiTokEncoder
+from .teachers import Frozen, load_teacher
+from .titok import TiTokDecoder, TiTokEncoder, TiTokFamily, titok_shape
 
 TEACHERS = ("none", "photos-net", "timm")
 ADAPTERS = ("mlp", "linear")
@@ -190,98 +188,6 @@ class FactorizedQuantizer(nn.Module):
 
 
 # ---- teachers ----------------------------------------------------------------------------------------------
-def _on_meta() -> bool:
-    """True inside `with torch.device("meta")`: modules are built without storage."""
-    return torch.empty(0).device.type == "meta"
-
-
-def _teacher_path(teacher: str, weights) -> Path:
-    """The configured teacher path, or a one-line FileNotFoundError naming paths.fq_teacher."""
-    if teacher == "photos-net":
-        fix = f"run python scripts/train_feature_net.py, or set {TEACHER_SETTING} to a photos-net folder"
-        found = weights is not None and Path(weights).is_dir()
-    else:
-        fix = f"set {TEACHER_SETTING} to a local timm weights file or a folder holding model.safetensors"
-        path = None if weights is None else Path(weights)
-        found = path is not None and (path.is_file() or (path / "model.safetensors").is_file())
-    if found:
-        return Path(weights)
-    problem = "is not set" if weights is None else "does not exist"
-    shown = None if weights is None else str(weights)
-    raise FileNotFoundError(
-        f"FQTiTok teacher={teacher} needs frozen teacher weights: {TEACHER_SETTING}={shown!r} {problem} "
-        f"({fix}; or tokenizer.teacher=none to train without representation alignment)"
-    )
-
-
-class PhotosNetTeacher(nn.Module):
-    """photos-net (training/feature_net.py): images (B, 3, H, W) in [-1, 1] -> pooled features (B, D_t)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-        self.num_features = net.classifier.in_features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)[0]  # (B, D_t); the net resizes to its own resolution
-
-
-def load_photos_net_teacher(weights) -> PhotosNetTeacher:
-    folder = _teacher_path("photos-net", weights)
-    from training.feature_net import PhotosNet, load_feature_net  # lazy: only this teacher needs it
-
-    if _on_meta():
-        meta = json.loads((folder / "config.json").read_text())
-        return PhotosNetTeacher(PhotosNet(**meta["config"]))
-    return PhotosNetTeacher(load_feature_net(folder))
-
-
-class TimmTeacher(nn.Module):
-    """A timm model with num_classes=0: images (B, 3, H, W) in [-1, 1] -> pooled features (B, D_t)."""
-
-    def __init__(self, model: nn.Module, image_size: int):
-        super().__init__()
-        self.model, self.image_size = model, image_size
-        cfg = model.pretrained_cfg
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
-        self.num_features = getattr(model, "head_hidden_size", None) or model.num_features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        size = (self.image_size, self.image_size)
-        x = (images.float() + 1) / 2  # (B, 3, H, W) in [0, 1]
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-        return self.model((x - self.mean) / self.std)  # (B, D_t)
-
-
-def load_timm_teacher(weights, name: str, image_size: int) -> TimmTeacher:
-    path = _teacher_path("timm", weights)
-    import timm
-
-    model = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
-    if not next(model.parameters()).is_meta:
-        file = path / "model.safetensors" if path.is_dir() else path
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(file))
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state.get("model", state))
-        classifier = model.pretrained_cfg.get("classifier")  # removed by num_classes=0
-        expected = model.state_dict()
-        if classifier:
-            state = {k: v for k, v in state.items() if k in expected or not k.startswith(f"{classifier}.")}
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as error:
-            first = str(error).splitlines()[0] if str(error) else "mismatch"
-            raise ValueError(
-                f"{TEACHER_SETTING}={str(weights)!r} does not hold timm {name} weights: {first}"
-            ) from error
-    return TimmTeacher(model, image_size)
-
-
 class AlignHead(nn.Module):
     """Sub-codes (B, N, d) -> one pooled prediction (B, D_t) of the teacher's feature."""
 
@@ -296,7 +202,7 @@ class AlignHead(nn.Module):
 
 # ---- tokenizer ---------------------------------------------------------------------------------------------
 @register("fq")
-class FQTiTok(Tokenizer):
+class FQTiTok(TiTokFamily):
     def __init__(
         self,
         image_size: int = 256,
@@ -324,40 +230,12 @@ class FQTiTok(Tokenizer):
         align_temperature: float = 1.0,
     ):
         super().__init__()
-        if size not in TITOK_SIZES:
-            raise ValueError(f"FQTiTok size={size!r}; expected one of {sorted(TITOK_SIZES)}")
-        if image_size % patch_size:
-            raise ValueError(f"FQTiTok image_size={image_size} is not a multiple of patch_size={patch_size}")
         if teacher not in TEACHERS:
             raise ValueError(f"FQTiTok teacher={teacher!r}; expected one of {TEACHERS}")
-        preset = TITOK_SIZES[size]
-        width, depth, heads = width or preset["width"], depth or preset["depth"], heads or preset["heads"]
-        self.config = dict(
-            image_size=image_size,
-            patch_size=patch_size,
-            size=size,
-            width=width,
-            depth=depth,
-            heads=heads,
-            num_tokens=num_tokens,
-            num_codebooks=num_codebooks,
-            codebook_size=codebook_size,
-            code_dim=code_dim,
-            adapter=adapter,
-            l2_normalize=l2_normalize,
-            commitment_weight=commitment_weight,
-            dead_code_threshold=dead_code_threshold,
-            usage_decay=usage_decay,
-            disentangle_weight=disentangle_weight,
-            teacher=teacher,
-            teacher_weights=None if teacher_weights is None else str(teacher_weights),
-            teacher_model=teacher_model,
-            teacher_image_size=teacher_image_size,
-            align_weight=align_weight,
-            align_hidden=align_hidden,
-            align_temperature=align_temperature,
-        )
-        shape = dict(image_size=image_size, patch_size=patch_size, width=width, depth=depth, heads=heads)
+        shape = titok_shape(type(self).__name__, image_size, patch_size, size, width, depth, heads)
+        width = shape["width"]
+        self.num_tokens, self.num_codebooks, self.codebook_size = num_tokens, num_codebooks, codebook_size
+        self.code_dim, self.align_weight, self.align_temperature = code_dim, align_weight, align_temperature
         self.encoder = TiTokEncoder(**shape, num_tokens=num_tokens, code_dim=width)  # shared trunk (B, N, W)
         self.quantizer = FactorizedQuantizer(
             width,
@@ -374,32 +252,28 @@ class FQTiTok(Tokenizer):
         # The decoder's input projection (from_code) maps the concatenated sub-codes to its width.
         self.decoder = TiTokDecoder(**shape, num_tokens=num_tokens, code_dim=num_codebooks * code_dim)
 
-        self._teacher: _Frozen | None = None
+        self._teacher: Frozen | None = None
         self.align_head: AlignHead | None = None
         if teacher != "none":
-            if teacher == "photos-net":
-                module = load_photos_net_teacher(teacher_weights)
-            else:
-                module = load_timm_teacher(teacher_weights, teacher_model, teacher_image_size)
-            self._teacher = _Frozen(module)
+            module = load_teacher(
+                "photos-net" if teacher == "photos-net" else teacher_model,
+                teacher_weights,
+                TEACHER_SETTING,
+                f"FQTiTok teacher={teacher} needs frozen teacher weights",
+                image_size=teacher_image_size,
+            )
+            self._teacher = Frozen(module)
             self.align_head = AlignHead(code_dim, align_hidden, module.num_features)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> FQTiTok:
-        """ "B-256" -> size B with 256 tokens; keyword arguments override anything else."""
-        size, num_tokens = name.split("-")
-        return cls(size=size, num_tokens=int(num_tokens), **overrides)
 
     # ---- interface -----------------------------------------------------------------------------------------
     @property
     def token_spec(self) -> TokenSpec:
-        c = self.config
         return TokenSpec(
             "factorized",
-            c["num_tokens"],
-            vocab_size=c["codebook_size"],
-            code_dim=c["code_dim"],
-            token_dim=c["num_codebooks"],
+            self.num_tokens,
+            vocab_size=self.codebook_size,
+            code_dim=self.code_dim,
+            token_dim=self.num_codebooks,
         )
 
     def code_vectors(self) -> torch.Tensor:
@@ -433,7 +307,7 @@ class FQTiTok(Tokenizer):
         losses = dict(quantized.losses)
         if self.align_head is not None and self.training:
             semantic = quantized.sub_codes[..., 0, :]  # (B, N, d): the first sub-codebook's codes
-            losses["align"] = self.config["align_weight"] * self.alignment_loss(semantic, images)
+            losses["align"] = self.align_weight * self.alignment_loss(semantic, images)
         return reconstructions, losses, {**quantized.stats, "codes": quantized.codes}
 
     def alignment_loss(self, semantic: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -444,14 +318,14 @@ class FQTiTok(Tokenizer):
         with torch.no_grad():
             target = self._teacher.on(images.device)(images).float()  # (B, D_t)
         prediction = self.align_head(semantic)  # (B, D_t)
-        return info_nce(prediction, target, self.config["align_temperature"])
+        return info_nce(prediction, target, self.align_temperature)
 
-    def save_pretrained(self, folder):
+    def save_pretrained(self, folder, **kwargs):
         """Export for inference: without the alignment head, and with teacher=none in config.json."""
         head, config = self.align_head, self.config
         self.align_head = None
         self.config = {**config, "teacher": "none", "teacher_weights": None}
         try:
-            return super().save_pretrained(folder)
+            return super().save_pretrained(folder, **kwargs)
         finally:
             self.align_head, self.config = head, config

@@ -45,34 +45,9 @@ import torch
 
 from .adaptive import shortest_prefix
 from .base import Tokens, register
-from .titok import TiTok, TiTokDecoder
+from .titok import TiTok
 
 TAIL_DROP_MODES = ("batch", "sample", "none")
-
-
-def masked_decode(decoder: TiTokDecoder, latents: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """TiTokDecoder.forward with the latents at positions >= lengths[i] hidden from row i.
-
-    latents (B, k, D), lengths (B,) in 1..k -> images (B, 3, H, W). Mirrors `TiTokDecoder.forward` step for
-    step (tests check that it equals it when nothing is hidden), passing a key mask to every block.
-    """
-    batch, k = latents.shape[:2]
-    latents = decoder.from_code(latents) + decoder.latent_pos[:k]  # (B, k, W)
-    masks = (decoder.mask_token + decoder.mask_pos).expand(batch, -1, -1)  # (B, P, W)
-    num_masks = masks.shape[1]
-    positions = torch.arange(k, device=latents.device)
-    visible = torch.cat(
-        [
-            torch.ones(batch, num_masks, dtype=torch.bool, device=latents.device),  # mask tokens: always
-            positions[None] < lengths.to(latents.device)[:, None],  # latents: only the row's prefix
-        ],
-        dim=1,
-    )[:, None, None, :]  # (B, 1, 1, P + k), broadcast over heads and queries
-    trunk = decoder.trunk
-    x = trunk.ln_pre(torch.cat([masks, latents], dim=1))  # (B, P + k, W)
-    for block in trunk.blocks:
-        x = block(x, attn_mask=visible)
-    return decoder.to_image(trunk.ln_post(x)[:, :num_masks])  # (B, 3, H, W)
 
 
 @register("onedpiece")
@@ -83,7 +58,7 @@ class OneDPiece(TiTok):
         self, tail_drop: str = "batch", min_tokens: int = 1, full_length_prob: float = 0.0, **titok_kwargs
     ):
         super().__init__(**titok_kwargs)
-        num_tokens = self.config["num_tokens"]
+        num_tokens = self.num_tokens
         if tail_drop not in TAIL_DROP_MODES:
             raise ValueError(f"OneDPiece tail_drop={tail_drop!r}; expected one of {TAIL_DROP_MODES}")
         if not 1 <= min_tokens <= num_tokens:
@@ -91,11 +66,10 @@ class OneDPiece(TiTok):
         if not 0 <= full_length_prob < 1:
             raise ValueError(f"OneDPiece full_length_prob={full_length_prob}; expected 0 <= p < 1")
         self.tail_drop, self.min_tokens, self.full_length_prob = tail_drop, min_tokens, full_length_prob
-        self.config.update(tail_drop=tail_drop, min_tokens=min_tokens, full_length_prob=full_length_prob)
 
     def draw_lengths(self, batch: int) -> torch.Tensor | None:
         """Tail Token Drop: kept prefix length per row, (B,) long on the CPU; None = keep all N."""
-        num_tokens = self.config["num_tokens"]
+        num_tokens = self.num_tokens
         if self.tail_drop == "none":
             return None
         draws = 1 if self.tail_drop == "batch" else batch
@@ -113,7 +87,7 @@ class OneDPiece(TiTok):
             raise ValueError(f"token lengths must lie in 1..{latents.shape[1]}; got {shortest}..{longest}")
         if shortest == longest:  # one length for all rows: plain prefix decoding (the official path)
             return self.decoder(latents[:, :longest])
-        return masked_decode(self.decoder, latents[:, :longest], lengths)
+        return self.decoder(latents[:, :longest], lengths)
 
     def encode(self, images: torch.Tensor, target_psnr: float | torch.Tensor | None = None) -> Tokens:
         """All N tokens (lengths None), or per image the shortest prefix reaching `target_psnr` dB."""

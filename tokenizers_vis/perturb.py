@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .quantizers import nearest_codes
+
 SCHEDULES = ("robustok", "constant")
 
 
@@ -52,25 +54,6 @@ def schedule_factor(progress: float, schedule: str = "robustok") -> float:
     if progress >= 0.6:
         return 0.5
     return 1.0 - 0.5 * (progress - 0.2) / 0.4
-
-
-@torch.no_grad()
-def nearest_codes(
-    queries: torch.Tensor, code_vectors: torch.Tensor, k: int, chunk: int = 4096
-) -> torch.Tensor:
-    """queries long (M,) code indices, code_vectors (V, D) -> (M, k) long: the k nearest codes of each query
-    by euclidean distance, the query code itself first (distance forced below every other)."""
-    vectors = code_vectors.detach().float()  # (V, D)
-    k = min(k, vectors.shape[0])
-    out = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
-    with torch.autocast(device_type=vectors.device.type, enabled=False):  # fp32 distances under bf16 runs
-        squared = vectors.pow(2).sum(-1)  # (V,)
-        for start in range(0, queries.shape[0], chunk):
-            rows = queries[start : start + chunk].to(vectors.device)  # (m,)
-            distance = squared[rows, None] + squared[None] - 2 * vectors[rows] @ vectors.t()  # (m, V)
-            distance.scatter_(1, rows[:, None], -1.0)  # the code itself is always among its k nearest
-            out[start : start + chunk] = distance.topk(k, dim=1, largest=False).indices.to(queries.device)
-    return out
 
 
 @dataclass
@@ -127,7 +110,8 @@ class LatentPerturbation:
         new = codes.clone()
         picked = codes[selected]  # (S,)
         if picked.numel() and delta > 1:
-            neighbours = nearest_codes(picked, code_vectors, delta)  # (S, delta'), delta' = min(delta, V)
+            size = min(delta, code_vectors.shape[0])  # the neighbourhood, capped at the codebook
+            neighbours = nearest_codes(code_vectors, size, picked, dtype=torch.float32)  # (S, size)
             draw = torch.randint(neighbours.shape[1], (picked.numel(),), device=device, generator=generator)
             new[selected] = neighbours.gather(1, draw[:, None]).squeeze(1)
         return Perturbed(new, new != codes, alpha, delta)

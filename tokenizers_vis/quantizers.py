@@ -286,3 +286,53 @@ class BinaryQuantizer(nn.Module):
                     "prob_entropy": bernoulli_entropy(flat_p).mean() / math.log(2),
                 }
         return BinaryQuantizerOutput(bits, codes, losses, stats, probs)
+
+
+NEIGHBOUR_METRICS = ("euclidean", "cosine")
+
+
+@torch.no_grad()
+def nearest_codes(
+    code_vectors: torch.Tensor,
+    k: int,
+    queries: torch.Tensor | None = None,
+    metric: str = "euclidean",
+    include_self: bool = True,
+    dtype: torch.dtype = torch.float64,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """The k nearest codes of each query code in latent space: code_vectors (V, D), queries long (M,)
+    (default: every code) -> (M, k) long, nearest first.
+
+    metric "euclidean" (distance) or "cosine" (1 - cosine similarity). include_self: the query code comes
+    first (RobustTok's perturbation draws replacements from a neighbourhood that contains it); otherwise it
+    is left out (LANTERN's and GSD's neighbours are the *other* codes). Ties are broken by code index
+    (stable sort), so the result is deterministic; distances in `dtype` (float64 by default; float32 where
+    it runs every training step), outside autocast, `chunk` queries at a time (memory chunk x V).
+    """
+    if metric not in NEIGHBOUR_METRICS:
+        raise ValueError(f"neighbour metric {metric!r}; expected one of {NEIGHBOUR_METRICS}")
+    vectors = code_vectors.detach().to(dtype)  # (V, D)
+    size = vectors.shape[0]
+    most = size if include_self else size - 1
+    if not 1 <= k <= most:
+        raise ValueError(f"k={k} neighbours; a codebook of {size} codes has 1 to {most} to choose from")
+    if queries is None:
+        queries = torch.arange(size, device=vectors.device)
+    if metric == "cosine":
+        vectors = F.normalize(vectors, dim=-1)
+    out = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
+    with torch.autocast(device_type=vectors.device.type, enabled=False):
+        squared = vectors.pow(2).sum(-1)  # (V,)
+        for start in range(0, queries.shape[0], chunk):
+            rows = queries[start : start + chunk].to(vectors.device)  # (m,)
+            if metric == "cosine":
+                distance = 1 - vectors[rows] @ vectors.t()  # (m, V)
+            else:
+                distance = squared[rows, None] + squared[None] - 2 * vectors[rows] @ vectors.t()
+                distance = distance.clamp_min(0)  # (m, V)
+            own = float("-inf") if include_self else float("inf")
+            distance.scatter_(1, rows[:, None], own)
+            nearest = distance.sort(dim=-1, stable=True).indices[:, :k]
+            out[start : start + chunk] = nearest.to(queries.device)
+    return out

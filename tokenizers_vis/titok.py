@@ -37,6 +37,23 @@ TITOK_SIZES = {
 }
 
 
+def titok_shape(owner: str, image_size: int, patch_size: int, size: str, width, depth, heads) -> dict:
+    """The ViT shape every TiTok-family tokenizer builds its encoder and decoder from: the size preset's
+    width / depth / heads unless given, checked once for all of them (`owner` names the class in errors)."""
+    if size not in TITOK_SIZES:
+        raise ValueError(f"{owner} size={size!r}; expected one of {sorted(TITOK_SIZES)}")
+    if image_size % patch_size:
+        raise ValueError(f"{owner} image_size={image_size} is not a multiple of patch_size={patch_size}")
+    preset = TITOK_SIZES[size]
+    return dict(
+        image_size=image_size,
+        patch_size=patch_size,
+        width=width or preset["width"],
+        depth=depth or preset["depth"],
+        heads=heads or preset["heads"],
+    )
+
+
 def _embedding(*shape: int, scale: float) -> nn.Parameter:
     return nn.Parameter(scale * torch.randn(*shape))
 
@@ -50,8 +67,14 @@ class ViT(nn.Module):
         self.blocks = nn.Sequential(*[Block(width, heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.ln_post = nn.LayerNorm(width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln_post(self.blocks(self.ln_pre(x)))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, W); attn_mask bool, broadcastable to (B, heads, L, L), True = may attend."""
+        if attn_mask is None:
+            return self.ln_post(self.blocks(self.ln_pre(x)))
+        x = self.ln_pre(x)
+        for block in self.blocks:
+            x = block(x, attn_mask=attn_mask)
+        return self.ln_post(x)
 
 
 class TiTokEncoder(nn.Module):
@@ -105,11 +128,25 @@ class TiTokDecoder(nn.Module):
         self.to_pixels = nn.Linear(width, patch_size * patch_size * 3)
         self.conv_out = nn.Conv2d(3, 3, kernel_size=3, padding=1)
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        batch, k = latents.shape[:2]  # (B, k, D), k <= N: any prefix of the token sequence
+    def forward(self, latents: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """latents (B, k, D), k <= N: any prefix of the token sequence -> images (B, 3, H, W).
+
+        lengths (B,) in 1..k: row i sees only its first lengths[i] latents (a key mask in every block;
+        One-D-Piece decodes rows of different lengths in one call); None: every row sees all k.
+        """
+        batch, k = latents.shape[:2]
         latents = self.from_code(latents) + self.latent_pos[:k]  # (B, k, W)
         masks = (self.mask_token + self.mask_pos).expand(batch, -1, -1)  # (B, P, W)
-        x = self.trunk(torch.cat([masks, latents], dim=1))[:, : masks.shape[1]]  # (B, P, W)
+        visible = None
+        if lengths is not None:
+            keys = (
+                torch.arange(k, device=latents.device)[None] < lengths.to(latents.device)[:, None]
+            )  # (B, k)
+            mask_keys = torch.ones(batch, masks.shape[1], dtype=torch.bool, device=latents.device)
+            visible = torch.cat([mask_keys, keys], dim=1)[:, None, None, :]  # (B, 1, 1, P + k)
+        x = self.trunk(torch.cat([masks, latents], dim=1), attn_mask=visible)[
+            :, : masks.shape[1]
+        ]  # (B, P, W)
         return self.to_image(x)
 
     def to_image(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,8 +161,18 @@ class TiTokDecoder(nn.Module):
         return self.conv_out(pixels)
 
 
+class TiTokFamily(Tokenizer):
+    """What TiTok, One-D-Piece, BinaryTiTok, FQTiTok and TokenBridge share: presets by name."""
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        """ "L-32" -> size L with 32 tokens; keyword arguments override anything else."""
+        size, num_tokens = name.split("-")
+        return cls(size=size, num_tokens=int(num_tokens), **overrides)
+
+
 @register("titok")
-class TiTok(Tokenizer):
+class TiTok(TiTokFamily):
     def __init__(
         self,
         image_size: int = 256,
@@ -143,37 +190,9 @@ class TiTok(Tokenizer):
         usage_decay: float = 0.99,
     ):
         super().__init__()
-        if size not in TITOK_SIZES:
-            raise ValueError(f"TiTok size={size!r}; expected one of {sorted(TITOK_SIZES)}")
-        if image_size % patch_size:
-            raise ValueError(f"TiTok image_size={image_size} is not a multiple of patch_size={patch_size}")
-        preset = TITOK_SIZES[size]
-        width, depth, heads = width or preset["width"], depth or preset["depth"], heads or preset["heads"]
-        self.config = dict(
-            image_size=image_size,
-            patch_size=patch_size,
-            size=size,
-            width=width,
-            depth=depth,
-            heads=heads,
-            num_tokens=num_tokens,
-            codebook_size=codebook_size,
-            code_dim=code_dim,
-            l2_normalize=l2_normalize,
-            commitment_weight=commitment_weight,
-            dead_code_threshold=dead_code_threshold,
-            usage_decay=usage_decay,
-        )
-        shape = dict(
-            image_size=image_size,
-            patch_size=patch_size,
-            width=width,
-            depth=depth,
-            heads=heads,
-            num_tokens=num_tokens,
-            code_dim=code_dim,
-        )
-        self.encoder = TiTokEncoder(**shape)
+        shape = titok_shape(type(self).__name__, image_size, patch_size, size, width, depth, heads)
+        self.num_tokens, self.codebook_size, self.code_dim = num_tokens, codebook_size, code_dim
+        self.encoder = TiTokEncoder(**shape, num_tokens=num_tokens, code_dim=code_dim)
         self.quantizer = VectorQuantizer(
             codebook_size,
             code_dim,
@@ -182,19 +201,12 @@ class TiTok(Tokenizer):
             dead_code_threshold=dead_code_threshold,
             usage_decay=usage_decay,
         )
-        self.decoder = TiTokDecoder(**shape)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> TiTok:
-        """ "L-32" -> size L with 32 tokens; keyword arguments override anything else."""
-        size, num_tokens = name.split("-")
-        return cls(size=size, num_tokens=int(num_tokens), **overrides)
+        self.decoder = TiTokDecoder(**shape, num_tokens=num_tokens, code_dim=code_dim)
 
     @property
     def token_spec(self) -> TokenSpec:
-        c = self.config
         return TokenSpec(
-            "categorical", c["num_tokens"], vocab_size=c["codebook_size"], code_dim=c["code_dim"]
+            "categorical", self.num_tokens, vocab_size=self.codebook_size, code_dim=self.code_dim
         )
 
     def code_vectors(self) -> torch.Tensor:

@@ -66,7 +66,7 @@ from tqdm import tqdm
 
 from .adaptive import psnr
 from .base import Tokenizer, Tokens, TokenSpec, register
-from .titok import TITOK_SIZES, TiTokDecoder, TiTokEncoder
+from .titok import TiTokDecoder, TiTokEncoder, titok_shape
 
 ENCODERS = ("titok", "conv")
 STD_RANGE = 3.0  # the normalised range [-3, 3], in standard deviations
@@ -239,12 +239,9 @@ class TokenBridge(Tokenizer):
             )
         grid = None
         if encoder == "titok":
-            if size not in TITOK_SIZES:
-                raise ValueError(f"TokenBridge size={size!r}; expected one of {sorted(TITOK_SIZES)}")
             if not num_tokens:
                 raise ValueError("TokenBridge encoder=titok needs num_tokens (the 1D sequence length)")
-            preset = TITOK_SIZES[size]
-            width, depth, heads = width or preset["width"], depth or preset["depth"], heads or preset["heads"]
+            shape = titok_shape(type(self).__name__, image_size, patch_size, size, width, depth, heads)
         else:
             if patch_size & (patch_size - 1):
                 raise ValueError(
@@ -259,32 +256,11 @@ class TokenBridge(Tokenizer):
                     f"(image_size / patch_size); got num_tokens={num_tokens}: set it to null or {side * side}"
                 )
             num_tokens = side * side
-        self.config = dict(
-            image_size=image_size,
-            patch_size=patch_size,
-            encoder=encoder,
-            size=size,
-            width=width,
-            depth=depth,
-            heads=heads,
-            num_tokens=num_tokens,
-            latent_channels=latent_channels,
-            kl_weight=kl_weight,
-            bits=bits,
-            quant_range=quant_range,
-            fit_images=fit_images,
-        )
+        self.num_tokens = num_tokens  # the conv encoder's grid fixes it
         self.grid = grid
         channels = latent_channels
         if encoder == "titok":
-            shape = dict(
-                image_size=image_size,
-                patch_size=patch_size,
-                width=width,
-                depth=depth,
-                heads=heads,
-                num_tokens=num_tokens,
-            )
+            shape.update(num_tokens=num_tokens)
             self.encoder = TiTokEncoder(**shape, code_dim=2 * channels)  # mean and logvar per channel
             self.decoder = TiTokDecoder(**shape, code_dim=channels)
         else:
@@ -305,7 +281,7 @@ class TokenBridge(Tokenizer):
         channels = c["latent_channels"]
         return TokenSpec(
             "dimwise",
-            c["num_tokens"],
+            self.num_tokens,
             grid=self.grid,
             vocab_size=2 ** c["bits"],
             code_dim=channels,

@@ -10,9 +10,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+import configs
 from training.checkpoints import resume_checkpoint
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(configs.__file__).resolve().parent  # the configs package: a clone's or an installed copy
 
 # Settings that may change between a run and its resumption: a longer schedule, other hardware, workers.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.devices", "trainer.num_nodes", "data.num_workers")

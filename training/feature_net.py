@@ -38,64 +38,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from safetensors.torch import load_file
-from torch import nn
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from tqdm import tqdm
 
-from tokenizers_vis.base import Exportable, register
+from core import from_pretrained
+from tokenizers_vis.teachers import DEFAULT_RESOLUTION, PHOTOS_NET, PhotosNet
 from training.data import PhotosDataModule
 
-NAME = "photos-net"
-DEFAULT_RESOLUTION = 32
+NAME = PHOTOS_NET
 FEATURE_NET_ROOT = Path("runs/feature_net")
-
-
-@register(NAME)
-class PhotosNet(Exportable, nn.Module):
-    """Images (B, 3, H, W), uint8 or float in [-1, 1], any H and W -> (features (B, D), logits (B, C))."""
-
-    def __init__(self, classes: list[str], resolution: int = DEFAULT_RESOLUTION, widths=(32, 64, 128, 256)):
-        super().__init__()
-        self.config = dict(classes=list(classes), resolution=resolution, widths=list(widths))
-        self.report: dict = {}  # how it was trained and how well it does; saved beside the config
-        layers, channels = [], 3
-        for i, width in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            layers += [nn.Conv2d(channels, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.SiLU()]
-            channels = width
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.dropout = nn.Dropout(0.2)
-        self.classifier = nn.Linear(channels, len(classes))
-
-    @property
-    def resolution(self) -> int:
-        return self.config["resolution"]
-
-    def export_metadata(self) -> dict:
-        return dict(self.report)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.dtype == torch.uint8:
-            images = images.float() / 127.5 - 1
-        if images.shape[-2:] != (self.resolution, self.resolution):
-            size = (self.resolution, self.resolution)
-            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-        features = self.body(images)  # (B, D)
-        return features, self.classifier(self.dropout(features))  # (B, D), (B, C)
-
-    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Images in [-1, 1] at the net's resolution r -> every stage's activation map, stage i as
-        (B, widths[i], r / 2^i, r / 2^i): the spatial features a REPA teacher aligns to (flextok.py)."""
-        maps, x = [], images
-        for layer in self.body:
-            if isinstance(layer, nn.AdaptiveAvgPool2d):
-                break
-            x = layer(x)
-            if isinstance(layer, nn.SiLU):
-                maps.append(x)
-        return maps
 
 
 class PhotosNetExtractor(FeatureExtractorBase):
@@ -169,13 +121,10 @@ def load_feature_net(path: str | Path, device: str | torch.device = "cpu") -> Ph
                 f"no {NAME} at {folder}: {file.name} is missing "
                 "(python scripts/train_feature_net.py trains one)"
             )
-    meta = json.loads(config_file.read_text())
-    if meta.get("class") != NAME:
-        raise ValueError(f"{config_file} holds a {meta.get('class')!r}, not a {NAME}")
-    net = PhotosNet(**meta["config"])
-    net.load_state_dict(load_file(str(weights_file)), strict=True)
-    net.report = {k: v for k, v in meta.items() if k not in ("class", "config")}
-    return net.to(device).eval()
+    net = from_pretrained(folder, device=device)
+    if not isinstance(net, PhotosNet):
+        raise ValueError(f"{config_file} holds a {net.registry_name!r}, not a {NAME}")
+    return net
 
 
 def write_folder_atomically(path: Path, write: Callable[[Path], object]) -> None:

@@ -7,6 +7,8 @@ The FID family runs with one of two feature extractors:
 - "photos-net": the small classifier of the embedded photos (training/feature_net.py), for offline runs.
 
 Every key names its extractor (`fid[photos-net]`, `is[inception]`): the two scales have nothing in common.
+FID's reference is a second set of images, or precomputed statistics (`reference_statistics`: the `mu` and
+`sigma` of an npz such as ADM's reference batches, read without unpickling).
 Reference features are cached under `cache_root` as safetensors (`<name>-<weights fingerprint>.safetensors`),
 keyed by a name the caller chooses plus a fingerprint of the extractor's weights, so a retrained photos-net
 never reuses stale features. torch-fidelity's own cache is never used: it unpickles its files
@@ -24,6 +26,7 @@ import functools
 import hashlib
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +45,10 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from tokenizers_vis.adaptive import psnr  # noqa: F401  (one PSNR for validation, evaluation and adaptive length)
 from training.data import to_uint8
 from training.feature_net import NAME as PHOTOS_NET
-from training.feature_net import PhotosNet, accuracy, ensure_feature_net
+from training.feature_net import PhotosNet, accuracy, ensure_feature_net, load_feature_net
 
 EXTRACTORS = ("inception", PHOTOS_NET)
+INCEPTION_FEATURES = 2048  # inception-v3-compat's FID layer: the pool3 features of ADM's reference statistics
 FIDELITY_CACHE = Path("runs/.fidelity_cache")
 PRC_NEIGHBOURS = 3  # k of precision/recall (Kynkaanniemi et al. 2019), as in the evaluation protocol
 _FIDELITY_NAMES = {"inception": "inception-v3-compat", PHOTOS_NET: PHOTOS_NET}
@@ -164,6 +168,42 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()[:10]
 
 
+def feature_dimension(extractor: str, weights: str | Path) -> int:
+    """Size of the features FID compares: 2048 for Inception, the pooled width of a photos-net."""
+    if extractor == "inception":
+        return INCEPTION_FEATURES
+    return load_feature_net(weights).classifier.in_features
+
+
+def reference_statistics(path: str | Path, dimension: int | None = None) -> dict[str, np.ndarray]:
+    """{"mu": (D,), "sigma": (D, D)} float64 from an npz holding `mu` and `sigma` (ADM's reference batches,
+    e.g. VIRTUAL_imagenet256_labeled.npz; their other arrays are not read), checked against the extractor's
+    feature `dimension` when given. Never unpickles: object arrays are refused."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key].astype(np.float64) for key in ("mu", "sigma") if key in npz.files}
+            keys = npz.files
+    except (OSError, EOFError, TypeError, ValueError, zipfile.BadZipFile) as error:  # not a zip, pickled
+        raise ValueError(f"reference_stats={path} is not a readable .npz of arrays ({error})") from None
+    if len(arrays) < 2:
+        raise ValueError(
+            f"reference_stats={path} has no mu and sigma (keys: {', '.join(keys)}); expected FID statistics "
+            "such as ADM's reference batches hold"
+        )
+    mu, sigma = arrays["mu"], arrays["sigma"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(
+            f"reference_stats={path}: mu {mu.shape} and sigma {sigma.shape} must be (D,), (D, D)"
+        )
+    if dimension is not None and len(mu) != dimension:
+        hint = " (Inception's: extractor=inception)" if len(mu) == INCEPTION_FEATURES else ""
+        raise ValueError(
+            f"reference_stats={path} holds statistics of {len(mu)}-d features{hint}, but the extractor's "
+            f"features are {dimension}-d"
+        )
+    return {"mu": mu, "sigma": sigma}
+
+
 def weights_fingerprint(path: str | Path) -> str:
     """Short content hash of a weights file, or of a model folder's model.safetensors."""
     file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
@@ -186,6 +226,7 @@ def image_metrics(
     isc: bool = True,
     prc: bool = True,
     cache_name: str | None = None,
+    reference_stats: dict[str, np.ndarray] | None = None,
     cache_root: str | Path = FIDELITY_CACHE,
     batch_size: int = 64,
     device: str | None = None,
@@ -195,6 +236,8 @@ def image_metrics(
 
     Inputs: an image folder, a dataset yielding uint8 (3, H, W), or a tensor / array (see FidelityImages).
     FID and precision/recall need `input2` and are skipped without it; IS is measured on `input1`.
+    reference_stats (instead of input2): {"mu", "sigma"} from reference_statistics(), checked against the
+    extractor's feature dimension there: FID against them; precision/recall, which need images, are skipped.
     extractor: "photos-net" (weights = its folder, default: ensure_feature_net()) or "inception" (weights =
     the file of paths.inception_weights). cache_name: names input2 in torch-fidelity's cache (the weights'
     fingerprint is appended), so a fixed reference set is featurised once; leave None for anything that
@@ -202,6 +245,8 @@ def image_metrics(
     """
     if extractor not in EXTRACTORS:
         raise ValueError(f"extractor={extractor!r}; expected one of {EXTRACTORS}")
+    if input2 is not None and reference_stats is not None:
+        raise ValueError("FID against input2 or against reference_stats: pass one of them")
     if extractor == "inception":
         weights = inception_weights(weights)
     elif weights is None:
@@ -211,7 +256,7 @@ def image_metrics(
     for name, count in (("input1", num1), ("input2", num2)):
         if count is not None and count < 2:
             raise ValueError(f"{name} has {count} images; FID-family metrics need at least 2")
-    fid, prc = fid and input2 is not None, prc and input2 is not None
+    fid, prc = fid and (input2 is not None or reference_stats is not None), prc and input2 is not None
     if prc and min(num1, num2) <= PRC_NEIGHBOURS:
         warnings.warn(
             f"precision/recall skipped: k={PRC_NEIGHBOURS} needs more than {PRC_NEIGHBOURS} images per side "
@@ -245,7 +290,7 @@ def image_metrics(
     )
     features1 = fidelity_utils.extract_featuresdict_from_input_id(1, feature_net, **options)
     features2 = None
-    if fid or prc:
+    if input2 is not None and (fid or prc):
         cache_file = None
         if cache_name is not None:
             cache_file = Path(cache_root) / f"{cache_name}-{weights_fingerprint(weights)}.safetensors"
@@ -254,7 +299,9 @@ def image_metrics(
     if isc:
         results.update(isc_featuresdict_to_metric(features1, layers["isc"], **options))
     if fid:
-        statistics = [fid_featuresdict_to_statistics(f, layers["fid"]) for f in (features1, features2)]
+        reference = reference_stats or fid_featuresdict_to_statistics(features2, layers["fid"])
+        statistics = [fid_featuresdict_to_statistics(features1, layers["fid"]), reference]
+        statistics = [{key: stat[key].astype(np.float64) for key in ("mu", "sigma")} for stat in statistics]
         results.update(fid_statistics_to_metric(*statistics, verbose))
     if prc:
         results.update(prc_featuresdict_to_metric(features1, features2, layers["prc"], **options))

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from core import read_export
 from training.config import ConfigError
 
 
@@ -148,6 +150,7 @@ SAMPLER_RULES: dict[str, Rule] = {
 
 SAMPLE_RULES: dict[str, Rule] = {
     "num_samples": POSITIVE,
+    "num_classes": integer(1, optional=True),
     "num_tokens": integer(1, optional=True),
     "batch_size": POSITIVE,
     "seed": SEED,
@@ -219,8 +222,8 @@ def export_config(key: str, folder) -> dict:
             "train.py writes them to runs/<experiment>/export)"
         )
     try:
-        meta = json.loads(file.read_text())
-        return {"class": meta["class"], "token_spec": meta.get("token_spec") or {}, **meta["config"]}
+        meta = read_export(file.parent)  # either config.json layout (core/hub.py)
+        return {"token_spec": {}, **meta, "class": meta["model_type"]}
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"{key}={folder}: {file} is not an export config ({error})") from None
 
@@ -305,7 +308,29 @@ def check_evaluate(cfg: DictConfig) -> None:
         if samples.is_file():
             count, size = check_samples_npz(samples)
             check_enough(cfg, f"samples={samples}", count, size)
-        check_enough(cfg, f"reference_samples={cfg.reference_samples}", cfg.reference_samples, None)
+        if not cfg.reference_stats:  # else the reference is those statistics, not training crops
+            check_enough(cfg, f"reference_samples={cfg.reference_samples}", cfg.reference_samples, None)
+    if cfg.reference_stats:
+        if mode != "gfid":
+            raise ConfigError(f"reference_stats is the reference of mode=gfid; mode={mode} has its own")
+        if not Path(str(cfg.reference_stats)).is_file():
+            raise ConfigError(
+                f"reference_stats={cfg.reference_stats} does not exist (an .npz with mu and sigma, such as "
+                "ADM's reference batches; never downloaded)"
+            )
+        from training.metrics import reference_statistics  # torch-fidelity: imported only when needed
+
+        try:
+            reference_statistics(cfg.reference_stats)  # mu, sigma; their size is checked with the extractor
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    if mode in ("rfid", "pfid"):  # the lpips column: local weights, or no column
+        vgg, linear = cfg.paths.get("vgg_weights"), cfg.paths.get("lpips_weights")
+        for key, path in (("vgg_weights", vgg), ("lpips_weights", linear)):
+            if path is not None and not Path(str(path)).is_file():
+                raise ConfigError(f"paths.{key}={path} does not exist (unset, there is no lpips column)")
+        if linear is not None and vgg is None:
+            raise ConfigError("paths.lpips_weights are LPIPS's layers on VGG16: set paths.vgg_weights too")
     if mode == "folders":
         for key in ("input1", "input2"):
             if cfg[key] is None or not Path(str(cfg[key])).is_dir():
@@ -329,24 +354,44 @@ def check_enough(cfg: DictConfig, what: str, count: int, size: int | None) -> No
         )
 
 
-def check_samples_npz(path: Path) -> tuple[int, int]:
-    """uint8 images (N, H, W, 3) and optional labels (N,), read without unpickling -> (N, min(H, W))."""
-    import numpy as np
+SAMPLE_IMAGE_KEYS = ("arr_0", "images")  # ADM's sample batches and scripts/sample.py; `images`: older files
+SAMPLE_LABEL_KEYS = ("labels", "arr_1")  # scripts/sample.py; ADM's image_sample.py writes labels as arr_1
 
+
+def samples_npz_keys(names) -> tuple[str | None, str | None]:
+    """(images key, labels key) among an npz's array names, each None when absent."""
+    images = next((key for key in SAMPLE_IMAGE_KEYS if key in names), None)
+    return images, next((key for key in SAMPLE_LABEL_KEYS if key in names), None)
+
+
+def npz_headers(path: Path) -> dict[str, tuple[tuple, object]]:
+    """name -> (shape, dtype) of every array of an npz, from the .npy headers alone: no array is read, so
+    checking 50,000 samples costs nothing, and nothing is unpickled."""
+    from numpy.lib import format as npy
+
+    headers = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            with archive.open(member) as file:
+                version = npy.read_magic(file)
+                read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                shape, _, dtype = read(file)
+            headers[member.removesuffix(".npy")] = (shape, dtype)
+    return headers
+
+
+def check_samples_npz(path: Path) -> tuple[int, int]:
+    """uint8 images (N, H, W, 3) at `arr_0` (or `images`) and optional labels (N,) -> (N, min(H, W))."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "images" not in npz.files:
-                raise ConfigError(f"samples={path} has no `images` array (keys: {npz.files})")
-            images = npz["images"]
-            labels = npz["labels"] if "labels" in npz.files else None
-    except ConfigError:
-        raise
-    except Exception as error:  # not a zip, truncated, object arrays
+        headers = npz_headers(path)
+    except Exception as error:  # not a zip, truncated, not .npy members
         raise ConfigError(f"samples={path} is not a readable .npz of arrays ({error})") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ConfigError(
-            f"samples={path}: images are {images.dtype} {tuple(images.shape)}; expected uint8 (N, H, W, 3)"
-        )
-    if labels is not None and labels.shape != (len(images),):
-        raise ConfigError(f"samples={path}: labels {tuple(labels.shape)} do not match {len(images)} images")
-    return len(images), min(images.shape[1:3])
+    image_key, label_key = samples_npz_keys(headers)
+    if image_key is None:
+        raise ConfigError(f"samples={path} has no `arr_0` or `images` array (keys: {sorted(headers)})")
+    (shape, dtype), labels = headers[image_key], headers[label_key][0] if label_key else None
+    if dtype != "uint8" or len(shape) != 4 or shape[-1] != 3:
+        raise ConfigError(f"samples={path}: images are {dtype} {shape}; expected uint8 (N, H, W, 3)")
+    if labels is not None and labels != (shape[0],):
+        raise ConfigError(f"samples={path}: labels {labels} do not match {shape[0]} images")
+    return shape[0], min(shape[1:3])
