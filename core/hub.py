@@ -124,6 +124,9 @@ class Exportable(PyTorchModelHubMixin):
     """Save/load as config.json + model.safetensors (module docstring); mix into an nn.Module."""
 
     registry_name: str = ""
+    # The model's repeated block classes: the units FSDP shards one by one and activation checkpointing
+    # recomputes (training/fsdp.py reads them from every model of a run).
+    fsdp_blocks: tuple[type, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -41,6 +41,8 @@ TARGET_KEYS = ("vocab_size", "num_tokens", "grid", "width", "rope_base", "token_
 
 @register("eagle")
 class EagleDrafter(CachedBlocks, Exportable, nn.Module):
+    fsdp_blocks = (Block,)
+
     def __init__(self, target: dict, heads: int | None = None):
         """target: the target GPT's architecture (`GPT.architecture`); heads: attention heads of the
         drafter's layer (default: the target's)."""

@@ -372,6 +372,8 @@ class CachedBlocks:
 
 @register("gpt")
 class GPT(CachedBlocks, Exportable, nn.Module):
+    fsdp_blocks = (Block,)
+
     def __init__(
         self,
         vocab_size: int,

@@ -313,6 +313,8 @@ class FlexTokDecoder(nn.Module):
 # ---- the tokenizer -----------------------------------------------------------------------------------------
 @register("flextok")
 class FlexTok(Tokenizer):
+    fsdp_blocks = (Block,)
+
     def __init__(
         self,
         image_size: int = 256,

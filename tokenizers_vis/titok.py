@@ -162,7 +162,9 @@ class TiTokDecoder(nn.Module):
 
 
 class TiTokFamily(Tokenizer):
-    """What TiTok, One-D-Piece, BinaryTiTok, FQTiTok and TokenBridge share: presets by name."""
+    """What TiTok, One-D-Piece, BinaryTiTok and FQTiTok share: presets by name, timm ViT blocks."""
+
+    fsdp_blocks = (Block,)
 
     @classmethod
     def from_preset(cls, name: str, **overrides):

@@ -214,6 +214,8 @@ class ConvDecoder(nn.Module):
 
 @register("tokenbridge")
 class TokenBridge(Tokenizer):
+    fsdp_blocks = (ResBlock,)
+
     def __init__(
         self,
         image_size: int = 256,
