@@ -47,7 +47,11 @@ class EagleDrafter(CachedBlocks, Exportable, nn.Module):
         """target: the target GPT's architecture (`GPT.architecture`); heads: attention heads of the
         drafter's layer (default: the target's)."""
         super().__init__()
-        target = {key: target[key] for key in TARGET_KEYS} | {"heads": target["heads"]}
+        # shuffle: absent from drafters exported before Token-Shuffle (their targets had none)
+        target = {key: target[key] for key in TARGET_KEYS} | {
+            "heads": target["heads"],
+            "shuffle": target.get("shuffle", 1),
+        }
         if target["token_kind"] != "categorical":
             raise ValueError(
                 f"the EAGLE drafter needs a categorical target; this one models {target['token_kind']}"
@@ -58,11 +62,13 @@ class EagleDrafter(CachedBlocks, Exportable, nn.Module):
             raise ValueError(f"EAGLE drafter heads={heads} does not fit the target's width {width} with RoPE")
         self.target_architecture = target
         self.num_tokens, self.heads, self.head_dim = target["num_tokens"], heads, width // heads
-        grid = None if target["grid"] is None else tuple(target["grid"])
+        shuffle = target["shuffle"]  # Token-Shuffle target: one position per s x s window, as the target's
+        self.num_positions = self.num_tokens // shuffle**2
+        grid = None if target["grid"] is None else tuple(side // shuffle for side in target["grid"])
         self.fc = PackedLinear(2 * width, width, bias=False)
         self.blocks = nn.ModuleList([Block(width, heads)])
         self.norm = nn.RMSNorm(width, eps=1e-5)
-        self.rope = Rotary(self.head_dim, self.num_tokens, grid, target["rope_base"], first_position=1)
+        self.rope = Rotary(self.head_dim, self.num_positions, grid, target["rope_base"], first_position=1)
         self.cache = None
         self._target: list[nn.Module] = []  # the bound target, kept out of the module tree (not saved)
         for module in (self.fc, *self.blocks):
@@ -77,7 +83,7 @@ class EagleDrafter(CachedBlocks, Exportable, nn.Module):
     def bind(self, target: nn.Module) -> EagleDrafter:
         """Attach the target whose embedding and head the drafter uses; its config must match."""
         mine, theirs = self.target_architecture, target.architecture
-        for key in TARGET_KEYS + ("heads",):
+        for key in TARGET_KEYS + ("heads", "shuffle"):
             if theirs.get(key) != mine[key]:
                 raise ValueError(
                     f"this EAGLE drafter was trained for a target with {key}={mine[key]}, "
@@ -94,7 +100,7 @@ class EagleDrafter(CachedBlocks, Exportable, nn.Module):
 
     @property
     def default_cache_len(self) -> int:
-        return self.num_tokens
+        return self.num_positions
 
     def _predict(self, tokens: torch.Tensor, features: torch.Tensor, cache=None) -> torch.Tensor:
         x = self.fc(torch.cat([self.target.embed(tokens), features.to(self.fc.weight.dtype)], dim=-1))

@@ -56,6 +56,7 @@ from core import Exportable, register
 
 from .heads import make_embedding, make_head
 from .linear import PackedLinear
+from .token_shuffle import check_shuffle, shuffle_tokens, unshuffle_tokens
 
 GPT_SIZES = {
     "tiny": dict(width=128, depth=4, heads=4),
@@ -390,6 +391,7 @@ class GPT(CachedBlocks, Exportable, nn.Module):
         token_dim: int | None = None,
         head: str | None = None,
         head_options: dict | None = None,
+        shuffle: int = 1,
     ):
         super().__init__()
         if size not in GPT_SIZES:
@@ -406,12 +408,24 @@ class GPT(CachedBlocks, Exportable, nn.Module):
         rope_multiple = 2 if grid is None else 4  # 2D RoPE splits the rotary pairs between rows and columns
         if head_dim % rope_multiple:
             raise ValueError(f"GPT head dim {head_dim} must be a multiple of {rope_multiple} for RoPE")
+        check_shuffle(grid, shuffle, width)
+        if shuffle > 1 and (token_kind != "categorical" or head is not None or token_dim is not None):
+            raise ValueError(
+                f"generator.shuffle={shuffle} (Token-Shuffle) works on categorical codes with its own head; "
+                f"got token_kind={token_kind!r}, head={head!r}: set generator.shuffle=1"
+            )
         self.num_tokens, self.num_classes, self.label_dropout = num_tokens, num_classes, label_dropout
         self.width, self.depth, self.heads, self.head_dim = width, depth, heads, head_dim
+        self.grid, self.shuffle = None if grid is None else tuple(grid), shuffle
+        # Token-Shuffle: one position per s x s window of the grid (token_shuffle.py); s = 1: one per token.
+        self.num_positions = num_tokens // shuffle**2
+        self.position_grid = None if grid is None else (grid[0] // shuffle, grid[1] // shuffle)
+        if shuffle > 1:
+            token_dim, head = shuffle**2, "shuffle"
         self.class_embed = nn.Embedding(num_classes + 1, width)  # last row: the null class
         token_format = dict(token_dim=token_dim, head=head, **(head_options or {}))
         self.embed = make_embedding(token_kind, vocab_size, width, **token_format)
-        self.rope = Rotary(head_dim, num_tokens, None if grid is None else tuple(grid), rope_base)
+        self.rope = Rotary(head_dim, self.num_positions, self.position_grid, rope_base)
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width, eps=1e-5)
         self.head = make_head(token_kind, width, vocab_size, **token_format)
@@ -439,28 +453,52 @@ class GPT(CachedBlocks, Exportable, nn.Module):
 
     # ---- full sequences (training, and the uncached sampling baseline)
 
+    # ---- full sequences (training, and the uncached sampling baseline). A sequence holds one token per
+    # position: (B, T) codes, (B, T, token_dim) vector tokens, or (B, T, s^2) windows with Token-Shuffle.
+
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: tokens long (B, T), 1 <= T <= N, labels (B,) -> hidden (B, T, D); hidden[:, i]
-        predicts tokens[:, i]. Labels are dropped for guidance in training mode."""
-        if not 1 <= tokens.shape[1] <= self.num_tokens:
-            raise ValueError(f"GPT got {tokens.shape[1]} tokens per row; expected 1 to {self.num_tokens}")
+        """Teacher forcing: a sequence (B, T, ...), 1 <= T <= num_positions, labels (B,) -> hidden (B, T, D);
+        hidden[:, i] predicts tokens[:, i]. Labels are dropped for guidance in training mode."""
+        if not 1 <= tokens.shape[1] <= self.num_positions:
+            raise ValueError(
+                f"GPT got {tokens.shape[1]} positions per row; expected 1 to {self.num_positions}"
+            )
         return self.forward_prefix(tokens[:, :-1], self.drop_labels(labels))
 
     def forward_prefix(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Hidden states of the whole sequence [class, tokens]: tokens (B, T), T < N+1 -> (B, 1 + T, D)."""
-        if tokens.shape[1] > self.num_tokens:
-            raise ValueError(f"GPT prefix of {tokens.shape[1]} tokens is longer than {self.num_tokens}")
+        """Hidden states of the whole sequence [class, tokens]: tokens (B, T, ...), T <= num_positions ->
+        (B, 1 + T, D)."""
+        if tokens.shape[1] > self.num_positions:
+            raise ValueError(f"GPT prefix of {tokens.shape[1]} positions is longer than {self.num_positions}")
         x = torch.cat([self.class_embed(labels)[:, None], self.embed(tokens)], dim=1)  # (B, 1 + T, D)
         return self._backbone(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Categorical heads only (the speculative samplers work on logits): (..., D) -> (..., V)."""
+        """Categorical heads only (the speculative samplers work on logits): (..., D) -> (..., V), or
+        (..., s^2, V) with Token-Shuffle (one distribution per slot of the window)."""
         if self.head.kind != "categorical":
             raise ValueError(f"GPT.logits needs categorical tokens; this GPT models {self.head.kind} tokens")
         return self.head(hidden)
 
+    def sequence_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens as the tokenizer lays them out ((B, N) raster order for grids) -> the model's sequence:
+        windows (B, P, s^2) with Token-Shuffle, unchanged without."""
+        if self.shuffle == 1:
+            return tokens
+        if tokens.shape[1:] != (self.num_tokens,):
+            raise ValueError(
+                f"Token-Shuffle GPT needs whole grids of {self.num_tokens} tokens; got {tokens.shape}"
+            )
+        return shuffle_tokens(tokens, self.grid, self.shuffle)
+
+    def image_tokens(self, sequence: torch.Tensor) -> torch.Tensor:
+        """The inverse of `sequence_tokens`: what samplers return, in the tokenizer's layout."""
+        return sequence if self.shuffle == 1 else unshuffle_tokens(sequence, self.grid, self.shuffle)
+
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.head.loss(self(tokens, labels), tokens)
+        """Teacher-forced loss of tokens in the tokenizer's layout (B, T[, token_dim]), labels (B,)."""
+        sequence = self.sequence_tokens(tokens)
+        return self.head.loss(self(sequence, labels), sequence)
 
     def _backbone(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """x (B, T, D) -> final-normed hidden states (B, T, D) (see CachedBlocks.run_blocks)."""
@@ -468,7 +506,7 @@ class GPT(CachedBlocks, Exportable, nn.Module):
 
     @property
     def default_cache_len(self) -> int:
-        return self.num_tokens + 1  # class + every token
+        return self.num_positions + 1  # class + every position
 
     def prefill(self, labels: torch.Tensor) -> torch.Tensor:
         """Empty the cache and write the class position: labels (B,) -> hidden (B, 1, D), predicting tok0."""
@@ -477,8 +515,8 @@ class GPT(CachedBlocks, Exportable, nn.Module):
         return self._backbone(self.class_embed(labels)[:, None], cache)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append tokens (B, k) at each row's cache length -> hidden (B, k, D); with t tokens cached in a
-        row (its length t + 1), hidden[r, j] predicts its image token t + j."""
+        """Append k positions' tokens (B, k, ...) at each row's cache length -> hidden (B, k, D); with t
+        positions cached in a row (its length t + 1), hidden[r, j] predicts its position t + j."""
         cache = self._cache_for(tokens.shape[0])
         if cache.uniform == 0:
             raise RuntimeError("GPT.decode before prefill: the class position is not in the cache")

@@ -15,8 +15,10 @@ The model protocol (generators.GPT; test stubs implement the same): `num_tokens`
 `setup_cache(batch_size, max_len)`, `prefill(labels) -> (B, 1, D)`, `decode(tokens (B, k)) -> (B, k, D)`,
 `clear_cache()`, `forward_prefix(tokens (B, T), labels) -> (B, 1 + T, D)`, and `head` (generators/heads.py):
 `head.token_shape` and `head.sample_stacked(hidden, guided, cfg_scale, temperature, top_k, top_p, generator)`,
-which draws one position's token for every kind of token (a categorical code, bits, sub-codes, channel bins)
-from the backbone's stacked [conditional; unconditional] hidden states.
+which draws one position's token for every kind of token (a categorical code, bits, sub-codes, channel bins,
+a Token-Shuffle window of s^2 codes) from the backbone's stacked [conditional; unconditional] hidden states;
+`num_positions` (the sequence length: N, or N / s^2 windows with Token-Shuffle) and
+`image_tokens(sequence)`, which returns the sampled sequence in the tokenizer's layout.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 import torch
 
 from .common import SampleResult, cfg_scale_at, compile_step, filter_logits, guided_logits, sample_probs
+from .engine import check_num_tokens
 
 
 @torch.no_grad()
@@ -42,7 +45,8 @@ def sample_ar(
     use_cache: bool = True,
     compile: bool = False,
 ) -> SampleResult:
-    """labels (B,) -> SampleResult with tokens (B, num_tokens, *token_shape); num_tokens defaults to N.
+    """labels (B,) -> SampleResult with tokens (B, num_tokens[, token_dim]) in the tokenizer's layout;
+    num_tokens defaults to N.
 
     compile: run each cached step (decode, head, guidance, filtering, the draw from a uniform drawn before
     it) through torch.compile (`compile_step`: a static cache with fixed shapes; CUDA graphs on GPUs);
@@ -51,9 +55,7 @@ def sample_ar(
     """
     if compile and not use_cache:
         raise ValueError("compile=True compiles the cached decode step: it needs use_cache=True")
-    num_tokens = model.num_tokens if num_tokens is None else num_tokens
-    if not 1 <= num_tokens <= model.num_tokens:
-        raise ValueError(f"num_tokens={num_tokens}; the model generates 1 to {model.num_tokens}")
+    num_tokens = check_num_tokens(model, num_tokens)  # positions: tokens, or windows with Token-Shuffle
     cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule)  # rejects an unknown schedule up front
     device = next(model.parameters()).device
     labels = labels.to(device)
@@ -64,7 +66,7 @@ def sample_ar(
         return torch.cat([x, x]) if guided else x
 
     shape = (labels.shape[0], num_tokens, *model.head.token_shape)
-    tokens = torch.zeros(shape, dtype=torch.long, device=device)  # (B, N, *token_shape)
+    tokens = torch.zeros(shape, dtype=torch.long, device=device)  # (B, positions, *token_shape)
     passes = 0
     was_training = model.training
     model.eval()
@@ -98,7 +100,9 @@ def sample_ar(
                 scale = torch.tensor(
                     cfg_scale_at(step + 1, num_tokens, cfg_scale, cfg_schedule), device=device
                 )
-                uniform = torch.rand(labels.shape[0], device=device, generator=generator)
+                uniform = torch.rand(
+                    labels.shape[0], *model.head.token_shape, device=device, generator=generator
+                )
                 tokens[:, step + 1] = fused(previous, scale, uniform)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -113,16 +117,16 @@ def sample_ar(
         "wall_time": time.perf_counter() - start,
         "model_batch": rows.shape[0],  # rows per forward pass: 2B with guidance
     }
-    return SampleResult(tokens=tokens, labels=labels, stats=stats)
+    return SampleResult(tokens=model.image_tokens(tokens), labels=labels, stats=stats)
 
 
 def fused_step(model, guided: bool, temperature: float, top_k: int, top_p: float, device):
-    """A categorical GPT's whole decode step, compiled: (previous token (B*, 1), guidance scale (0-d
-    tensor), uniform (B,)) -> the next token (B,): decode, head, guidance, filtering and the draw in one
-    graph (the uniform is drawn outside, so the graph needs no generator)."""
+    """A categorical GPT's whole decode step, compiled: (previous token (B*, 1[, S]), guidance scale (0-d
+    tensor), uniform (B[, S])) -> the next token (B[, S]): decode, head, guidance, filtering and the draw
+    in one graph (the uniform is drawn outside, so the graph needs no generator)."""
 
     def step(previous, scale, uniform):
-        logits = model.head(model.decode(previous)[:, -1]).float()  # (B or 2B, V)
+        logits = model.head(model.decode(previous)[:, -1]).float()  # (B or 2B[, S], V)
         if guided:
             logits = guided_logits(*logits.chunk(2), scale)
         return sample_probs(filter_logits(logits, temperature, top_k, top_p).softmax(-1), uniform=uniform)

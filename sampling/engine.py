@@ -22,6 +22,15 @@ lengths). Every row gets its full window every pass, however far it is ahead of 
 reaches N leaves the batch (`Rows.advance` compacts every per-row tensor and the caches), so finished rows
 stop costing compute and the batch's last passes run only the rows still going.
 
+Positions and slots. The engine counts positions: one per token, or one per s x s window of a Token-Shuffle
+GPT (generators/token_shuffle.py), whose token has S = s^2 slots drawn independently given the prefix.
+Every per-position tensor carries a slot axis: tokens (B, T, S), probabilities (B, T, S, V), S = 1 for
+plain categorical tokens. A position is accepted when all its slots pass their tests (`verify`); at the
+first position that does not, the slots before the first failing one keep their drafts, that slot draws
+from its residual and the later ones from p. That is speculative sampling on the flattened sequence of
+slots, whose target law factorises over the slots of a position, so the result stays exact (tested in
+tests/test_token_shuffle.py with the chi-square test).
+
 The one host synchronisation per pass is `Rows.advance` reading the counts n_r (a (B,) tensor): it tells
 which rows finished, and whether every running row has the same count, in which case the caches are
 truncated with a plain int and the next appends take the sliced, unmasked fast path (a single image, or the
@@ -67,6 +76,8 @@ class GuidedModel:
         static: bool = False,
     ):
         self.model, self.num_tokens, self.max_len, self.static = model, num_tokens, max_len, static
+        self.token_shape = tuple(model.head.token_shape)  # () or (S,): the model's layout of a position
+        self.slots = self.token_shape[0] if self.token_shape else 1
         self.cfg_scale, self.cfg_schedule = cfg_scale, cfg_schedule
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.guided = cfg_scale != 1.0
@@ -95,28 +106,35 @@ class GuidedModel:
         return torch.cat([rows, rows + self.batch]) if self.guided else rows
 
     def prefill(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> probabilities (B, 1, V) of token 0 and hidden states (B or 2B, 1, D)."""
+        """-> probabilities (B, 1, S, V) of position 0 and hidden states (B or 2B, 1, D)."""
         self.passes += 1
         hidden = self.model.prefill(self.labels)
         return self.probs(hidden, 0), hidden
 
+    def model_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The engine's (B, T, S) tokens in the model's layout: (B, T) codes, or (B, T, S) windows."""
+        return tokens.reshape(*tokens.shape[:2], *self.token_shape)
+
     def decode(self, tokens: torch.Tensor, first_index: torch.Tensor):
-        """Append tokens (B, T) at every row's cache length; first_index (B,): the token index the first
-        output predicts -> probabilities (B, T, V) and hidden states (B or 2B, T, D). The caller counts
+        """Append tokens (B, T, S) at every row's cache length; first_index (B,): the position the first
+        output predicts -> probabilities (B, T, S, V) and hidden states (B or 2B, T, D). The caller counts
         the pass in `passes` (outside a compiled pass: a changing int would be a guard to recompile on)."""
-        hidden = self.model.decode(self.stack(tokens))
+        hidden = self.model.decode(self.stack(self.model_tokens(tokens)))
         return self.probs(hidden, first_index), hidden
 
     def probs(self, hidden: torch.Tensor, first_index: int | torch.Tensor) -> torch.Tensor:
-        """Stacked hidden states (B or 2B, T, D) of tokens first_index .. first_index + T - 1 -> guided,
-        filtered next-token probabilities (B, T, V), float32."""
-        logits = self.model.logits(hidden).float()  # (B or 2B, T, V): one projection over both halves
+        """Stacked hidden states (B or 2B, T, D) of positions first_index .. first_index + T - 1 -> guided,
+        filtered next-token probabilities (B, T, S, V), float32."""
+        logits = self.model.logits(hidden).float()  # one projection over both halves
+        logits = logits.reshape(*hidden.shape[:2], self.slots, logits.shape[-1])  # (B or 2B, T, S, V)
         if self.guided:
             scale = self.cfg_scale
             if self.cfg_schedule != "constant":
                 steps = torch.arange(logits.shape[1], device=logits.device)
                 index = first_index + steps if isinstance(first_index, int) else first_index[:, None] + steps
-                scale = cfg_scale_at(index, self.num_tokens, self.cfg_scale, self.cfg_schedule)[..., None]
+                scale = cfg_scale_at(index, self.num_tokens, self.cfg_scale, self.cfg_schedule)[
+                    ..., None, None
+                ]
             logits = guided_logits(*logits.chunk(2), scale)
         return filter_logits(logits, self.temperature, self.top_k, self.top_p).softmax(dim=-1)
 
@@ -132,14 +150,17 @@ class GuidedModel:
 
 
 class Rows:
-    """Committed tokens of the rows still running, in a (B, N + pad) buffer (row r: tokens 0 .. n_r - 1, then
-    scratch that commits overwrite), their counts n (B,), and the finished images in `tokens_out` (B0, N)."""
+    """Committed tokens of the rows still running, in a (B, N + pad, S) buffer (row r: positions 0 .. n_r - 1,
+    then scratch that commits overwrite), their counts n (B,), and the finished images in `tokens_out`
+    (B0, N, S). N counts positions, S slots per position (module docstring)."""
 
-    def __init__(self, batch: int, num_tokens: int, pad: int, device, host_lengths: bool = True):
-        self.num_tokens, self.host_lengths = num_tokens, host_lengths
-        self.tokens = torch.zeros(batch, num_tokens + pad, dtype=torch.long, device=device)
+    def __init__(
+        self, batch: int, num_tokens: int, pad: int, device, host_lengths: bool = True, slots: int = 1
+    ):
+        self.num_tokens, self.host_lengths, self.slots = num_tokens, host_lengths, slots
+        self.tokens = torch.zeros(batch, num_tokens + pad, slots, dtype=torch.long, device=device)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)
-        self.tokens_out = torch.zeros(batch, num_tokens, dtype=torch.long, device=device)
+        self.tokens_out = torch.zeros(batch, num_tokens, slots, dtype=torch.long, device=device)
         self.ids = list(range(batch))  # the output row of each running row
         self.row_passes = [0] * batch  # target passes each output row took part in
         self.uniform: int | None = 0  # the common count of the running rows, when they all have it
@@ -149,18 +170,22 @@ class Rows:
         return len(self.ids)
 
     def start(self, first: torch.Tensor) -> None:
-        """Token 0 of every row (from the target's prefill)."""
+        """Position 0 of every row (B, S) (from the target's prefill)."""
         self.tokens[:, 0] = first
         self.count.fill_(1)
         self.uniform = 1
 
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Positions index (B, T) of every row -> tokens (B, T, S)."""
+        return self.tokens.gather(1, index[..., None].expand(-1, -1, self.slots))
+
     def at(self, offsets: torch.Tensor) -> torch.Tensor:
-        """Tokens n_r + offsets (T,) of every row -> (B, T) (committed where < n_r, scratch beyond)."""
-        return self.tokens.gather(1, self.count[:, None] + offsets)
+        """Positions n_r + offsets (T,) of every row -> (B, T, S) (committed where < n_r, scratch beyond)."""
+        return self.gather(self.count[:, None] + offsets)
 
     def last(self) -> torch.Tensor:
-        """The last committed token of every row: (B, 1)."""
-        return self.tokens.gather(1, self.count[:, None] - 1)
+        """The last committed position of every row: (B, 1, S)."""
+        return self.gather(self.count[:, None] - 1)
 
     def lengths(self, offset: int = 0) -> int | torch.Tensor:
         """n_r + offset for every row: an int while all rows agree (the caches' fast path) unless
@@ -170,12 +195,13 @@ class Rows:
         return self.count + offset
 
     def commit(self, window: torch.Tensor, first: torch.Tensor, new: torch.Tensor) -> None:
-        """Row r keeps the drafts window[r, 1 : 1 + f_r] and `new` after them: tokens n_r .. n_r + f_r."""
+        """Row r keeps the drafts window[r, 1 : 1 + f_r] (window (B, W + 1, S)) and `new` (B, S) after them:
+        positions n_r .. n_r + f_r."""
         width = window.shape[1] - 1
-        values = torch.cat([window[:, 1:], new[:, None]], dim=1)  # (B, W + 1): beyond f_r, scratch
-        values.scatter_(1, first[:, None], new[:, None])
+        values = torch.cat([window[:, 1:], new[:, None]], dim=1)  # (B, W + 1, S): beyond f_r, scratch
+        values.scatter_(1, first[:, None, None].expand(-1, 1, self.slots), new[:, None])
         positions = self.count[:, None] + torch.arange(width + 1, device=window.device)
-        self.tokens.scatter_(1, positions, values)
+        self.tokens.scatter_(1, positions[..., None].expand(-1, -1, self.slots), values)
         self.count += first + 1
 
     def advance(self, passes: int) -> torch.Tensor | None:
@@ -207,37 +233,44 @@ def accepts(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tens
 
 
 def verify(p, q, drafts, limit, uniforms, relax=None, groups=None):
-    """Test every row's drafts in order and draw its new token.
+    """Test every row's drafted positions in order and draw its new position.
 
-    p (B, W+1, V): target probabilities of tokens n .. n+W; drafts (B, W) and q (B, W, V): the draft of
-    each token n + o and the distribution it was drawn from; limit (B,): drafts row r may test (<= W);
-    uniforms (B, W + 1) ~ U[0, 1): the tests' draws, then the new token's.
+    p (B, W+1, S, V): target probabilities of positions n .. n+W; drafts (B, W, S) and q (B, W, S, V): the
+    draft of each position n + o and the distribution it was drawn from; limit (B,): drafts row r may test
+    (<= W); uniforms (B, W + 1, S) ~ U[0, 1): the tests' draws, then the new position's.
     relax(p, x) -> the target to test x against (LANTERN); groups (V, G): test sum_G p / sum_G q over the
-    draft's group (GSD). Returns first (B,) f_r (accepted drafts = the column of the new token), new (B,),
-    tested (B,) (drafts tested: f_r, plus the rejected one).
+    draft's group (GSD). Returns first (B,) f_r (accepted positions = the column of the new one), new
+    (B, S), tested (B,) (positions tested: f_r, plus the rejected one).
 
     Exact rule (Leviathan et al.): accept x with probability min(1, p(x) / q(x)); at the first rejection
-    draw from normalise(max(0, p - q)); after `limit` accepted drafts, one bonus token from p.
+    draw from normalise(max(0, p - q)); after `limit` accepted drafts, one bonus token from p. With S > 1
+    slots the rule runs over the slots in order (module docstring): a position passes when all its slots
+    do; in the first that does not, slots before the failing one keep their drafts, the failing one draws
+    from its residual and the rest from p.
     """
-    batch, width = drafts.shape
+    batch, width, slots = drafts.shape
     rows = torch.arange(batch, device=p.device)
-    target = p[:, :width] if relax is None else relax(p[:, :width], drafts)  # (B, W, V)
+    target = p[:, :width] if relax is None else relax(p[:, :width], drafts)  # (B, W, S, V)
     if groups is None:
-        p_x = target.gather(-1, drafts[..., None]).squeeze(-1)  # (B, W)
+        p_x = target.gather(-1, drafts[..., None]).squeeze(-1)  # (B, W, S)
         q_x = q.gather(-1, drafts[..., None]).squeeze(-1)
     else:
-        members = groups[drafts]  # (B, W, G)
+        members = groups[drafts]  # (B, W, S, G)
         p_x, q_x = target.gather(-1, members).sum(-1), q.gather(-1, members).sum(-1)
-    accept = accepts(p_x, q_x, uniforms[:, :width]) & (torch.arange(width, device=p.device) < limit[:, None])
+    passed = accepts(p_x, q_x, uniforms[:, :width])  # (B, W, S)
+    accept = passed.all(-1) & (torch.arange(width, device=p.device) < limit[:, None])  # (B, W)
     first = accept.long().cumprod(dim=1).sum(dim=1)  # (B,) in [0, limit]
     rejected = first < limit
-    bonus = p[rows, first]  # (B, V): p after the last accepted draft
+    bonus = p[rows, first]  # (B, S, V): p after the last accepted position
     at = first.clamp(max=width - 1)
-    residual = (target[rows, at] - q[rows, at]).clamp_min(0)  # sample_probs normalises
+    residual = (target[rows, at] - q[rows, at]).clamp_min(0)  # (B, S, V); sample_probs normalises
     usable = residual.sum(-1, keepdim=True) > 1e-12  # p == q up to float rounding: p itself
-    final = torch.where(rejected[:, None] & usable, residual, bonus)
-    new = sample_probs(final, uniform=uniforms[:, width])
-    return first, new, first + rejected.long()
+    failing = passed[rows, at].long().cumprod(dim=-1).sum(dim=-1)  # (B,) the first failing slot
+    slot = torch.arange(slots, device=p.device)
+    from_residual = (rejected[:, None] & (slot == failing[:, None]))[..., None]  # (B, S, 1)
+    new = sample_probs(torch.where(from_residual & usable, residual, bonus), uniform=uniforms[:, width])
+    kept = rejected[:, None] & (slot < failing[:, None])  # slots before the failing one keep their drafts
+    return first, torch.where(kept, drafts[rows, at], new), first + rejected.long()
 
 
 class DecodeCounters:
@@ -274,7 +307,12 @@ def decode_stats(target: GuidedModel, rows: Rows, counters: DecodeCounters, star
 
 
 def check_num_tokens(model, num_tokens: int | None) -> int:
-    num_tokens = model.num_tokens if num_tokens is None else num_tokens
+    """A sampler's `num_tokens` (None: all N) -> the positions to generate. A Token-Shuffle model generates
+    whole grids only (a prefix of windows is no prefix of the raster order a tokenizer decodes)."""
+    if num_tokens is None:
+        return model.num_positions
     if not 1 <= num_tokens <= model.num_tokens:
         raise ValueError(f"num_tokens={num_tokens}; the model generates 1 to {model.num_tokens}")
-    return num_tokens
+    if model.num_positions != model.num_tokens and num_tokens != model.num_tokens:
+        raise ValueError(f"num_tokens={num_tokens}: a Token-Shuffle GPT generates all {model.num_tokens}")
+    return num_tokens * model.num_positions // model.num_tokens

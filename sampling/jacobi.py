@@ -47,9 +47,11 @@ everything before, x_i ~ q_i and speculative sampling commits a token distribute
 Outputs after a rejected position are conditioned on stale drafts; they only become drafts, never commits.
 
 Batches: every row has its own KV-cache length (sampling/engine.py): each row verifies its full window of L
-drafts every pass (fewer near the end) and leaves the batch when done. Draft slots are kept relative to each
-row's count (slot s = token n_r + s) with their distributions (B, L, V); after a pass a row that committed
-f + 1 tokens shifts its slots by f + 1.
+drafts every pass (fewer near the end) and leaves the batch when done. Drafts are kept relative to each
+row's count (offset s = position n_r + s) with their distributions (B, L, S, V); after a pass a row that
+committed f + 1 positions shifts them by f + 1. With Token-Shuffle a position is a window of S = s^2 tokens
+(sampling/engine.py: each slot drafted, tested and redrawn as a token; copy_left copies whole windows on
+the grid of windows).
 
 Stats: those of sampling/engine.py's `decode_stats` (no draft model).
 """
@@ -84,8 +86,9 @@ def copy_left_source(index: torch.Tensor, known: torch.Tensor, grid) -> torch.Te
 
 
 def reused_drafts(p, q, drafts, fresh):
-    """SJD++ reuse (module docstring): p (B, L, V) this pass at the draft positions, q (B, L, V) and drafts
-    (B, L) the old drafts, fresh (B, L) samples from p -> the next drafts (B, L), their law q' (B, L, V)."""
+    """SJD++ reuse (module docstring): p (B, L, S, V) this pass at the draft positions, q (B, L, S, V) and
+    drafts (B, L, S) the old drafts, fresh (B, L, S) samples from p -> the next drafts (B, L, S), their law
+    q' (B, L, S, V). Slot by slot: each slot's draft and law are those of a single token."""
     keep_mass = p >= q  # (B, L, V): where the probability did not fall
     kept = q * keep_mass
     redraw = 1 - kept.sum(-1, keepdim=True)  # R
@@ -136,7 +139,7 @@ def sample_jacobi(
             raise ValueError(f"group_size={group_size}; expected 1 to {neighbours.shape[1] + 1} (k + 1)")
         own = torch.arange(neighbours.shape[0], device=device)[:, None]
         groups = torch.cat([own, neighbours.to(device)[:, : group_size - 1]], dim=1)  # (V, G)
-    grid = getattr(model, "config", {}).get("grid")
+    grid = model.position_grid  # copy_left follows the grid of positions (of windows with Token-Shuffle)
     labels = labels.to(device)
     settings = dict(
         num_tokens=num_tokens,
@@ -146,52 +149,55 @@ def sample_jacobi(
         top_k=top_k,
         top_p=top_p,
     )
-    slots = torch.arange(window, device=device)
-    rows = Rows(labels.shape[0], num_tokens, window + 1, device, host_lengths=not compile)
+    offsets = torch.arange(window, device=device)
+    slots = model.head.token_shape[0] if model.head.token_shape else 1  # S: tokens per position
+    rows = Rows(labels.shape[0], num_tokens, window + 1, device, host_lengths=not compile, slots=slots)
     counters = DecodeCounters(device)
     start = time.perf_counter()
     with GuidedModel(model, labels, **settings, max_len=num_tokens + window + 1, static=compile) as target:
         model_batch = target.labels.shape[0]
-        first_probs = target.prefill()[0][:, 0]  # (B, V)
+        first_probs = target.prefill()[0][:, 0]  # (B, S, V)
         rows.start(sample_probs(first_probs, generator))
         vocab = first_probs.shape[-1]
         batch = labels.shape[0]
-        # Per row: the draft slots (slot s = token n + s) and their laws, the first slot that enters the
-        # window for the first time, and the first token that is neither committed nor drafted.
+        # Per row: the drafts at offsets s = 0 .. L-1 (position n + s) and their laws, the first offset
+        # entering the window for the first time, and the first position neither committed nor drafted.
         state = {
-            "drafts": torch.zeros(batch, window, dtype=torch.long, device=device),
-            "q": torch.zeros(batch, window, vocab, device=device),
+            "drafts": torch.zeros(batch, window, slots, dtype=torch.long, device=device),
+            "q": torch.zeros(batch, window, slots, vocab, device=device),
             "reached": torch.zeros(batch, 1, dtype=torch.long, device=device),
             "known": rows.count[:, None].clone(),
         }
 
         def initialise(drafts, q, reached, known, uniforms):
-            """Slots at and after `reached` get their first draft; uniforms (B, L) for uniform draws."""
-            new = slots >= reached  # (B, L)
+            """Slots at and after `reached` get their first draft; uniforms (B, L, S) for uniform draws."""
+            new = (offsets >= reached)[..., None]  # (B, L, 1)
             if init == "uniform":
                 values = (uniforms * vocab).long().clamp_(max=vocab - 1)  # uniform over the vocabulary
                 return torch.where(new, values, drafts), q.masked_fill(new[..., None], 1.0 / vocab)
-            source = copy_left_source(rows.count[:, None] + slots, known, grid)  # (B, L)
+            source = copy_left_source(rows.count[:, None] + offsets, known, grid)  # (B, L)
             from_slot = (source - rows.count[:, None]).clamp(0, window - 1)
             values = torch.where(
-                source >= rows.count[:, None], drafts.gather(1, from_slot), rows.tokens.gather(1, source)
-            )
+                (source >= rows.count[:, None])[..., None],
+                drafts.gather(1, from_slot[..., None].expand(-1, -1, slots)),
+                rows.gather(source),
+            )  # (B, L, S)
             return torch.where(new, values, drafts), torch.where(
                 new[..., None], F.one_hot(values, vocab).float(), q
             )
 
         def one_pass(uniforms: torch.Tensor) -> None:
-            """Initialise, verify, commit and shift every row's window; uniforms (B, 3L + 2): the draws."""
+            """Initialise, verify, commit and shift every row's window; uniforms (B, 3L + 2, S): the draws."""
             drafts, q = initialise(
                 state["drafts"], state["q"], state["reached"], state["known"], uniforms[:, :window]
             )
             limit = (num_tokens - 1 - rows.count).clamp(max=window)
-            inputs = torch.cat([rows.last(), drafts], dim=1)  # (B, L + 1): tokens n-1 .. n+L-1
-            p, _ = target.decode(inputs, rows.count)  # (B, L + 1, V): tokens n .. n+L
+            inputs = torch.cat([rows.last(), drafts], dim=1)  # (B, L + 1, S): positions n-1 .. n+L-1
+            p, _ = target.decode(inputs, rows.count)  # (B, L + 1, S, V): positions n .. n+L
             first, new, tested = verify(
                 p, q, drafts, limit, uniforms[:, window : 2 * window + 1], None, groups
             )
-            fresh = sample_probs(p, uniform=uniforms[:, 2 * window + 1 :])  # (B, L + 1)
+            fresh = sample_probs(p, uniform=uniforms[:, 2 * window + 1 :])  # (B, L + 1, S)
             next_q = p
             if reuse_drafts:
                 kept, law = reused_drafts(p[:, :window], q, drafts, fresh[:, :window])
@@ -201,16 +207,17 @@ def sample_jacobi(
             rows.commit(inputs, first, new)
             counters.add(first, tested)
             # Next drafts, slot s = token n' + s: this pass's output column f + 1 + s while it is in the
-            # window (f + 1 + s <= L), then first-time slots.
-            column = (first[:, None] + 1 + slots).clamp(max=window)  # (B, L)
-            state["reached"] = window - first[:, None]  # slots s < reached come from this pass
-            state["drafts"] = fresh.gather(1, column)
-            state["q"] = next_q.gather(1, column[..., None].expand(-1, -1, vocab))
+            # window (f + 1 + s <= L), then first-time ones.
+            column = (first[:, None] + 1 + offsets).clamp(max=window)  # (B, L)
+            state["reached"] = window - first[:, None]  # offsets s < reached come from this pass
+            state["drafts"] = fresh.gather(1, column[..., None].expand(-1, -1, slots))
+            state["q"] = next_q.gather(1, column[..., None, None].expand(-1, -1, slots, vocab))
 
         step = compile_step(one_pass, device) if compile else one_pass
         rows.advance(target.passes)
         while rows.running:
-            step(torch.rand(rows.running, 3 * window + 2, device=device, generator=generator))
+            # (B, 3L + 2, S) with S innermost: for S = 1 the draws of the plain model, in the same order
+            step(torch.rand(rows.running, 3 * window + 2, slots, device=device, generator=generator))
             target.passes += 1
             keep = rows.advance(target.passes)  # the pass's one host synchronisation
             if not rows.running:
@@ -220,4 +227,5 @@ def sample_jacobi(
                 target.select(keep)
             target.truncate(rows.lengths())
         stats = decode_stats(target, rows, counters, start, model_batch)
-    return SampleResult(tokens=rows.tokens_out, labels=labels, stats=stats)
+    tokens = model.image_tokens(target.model_tokens(rows.tokens_out))  # the tokenizer's layout
+    return SampleResult(tokens=tokens, labels=labels, stats=stats)

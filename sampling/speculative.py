@@ -175,10 +175,10 @@ class GPTDraft:
         self.passes += 1
 
     def propose(self, rows: Rows, gamma: int, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uniforms (B, gamma) -> drafts (B, gamma) of tokens n .. n + gamma - 1 and their distributions q
-        (B, gamma, V)."""
+        """uniforms (B, gamma, S) -> drafts (B, gamma, S) of positions n .. n + gamma - 1 and their
+        distributions q (B, gamma, S, V)."""
         offsets = torch.arange(-self.feed, 0, device=rows.count.device)
-        probs, _ = self.guided.decode(rows.at(offsets), rows.count - self.feed + 1)  # last: token n
+        probs, _ = self.guided.decode(rows.at(offsets), rows.count - self.feed + 1)  # last: position n
         q_k = probs[:, -1]
         drafts, q = [], []
         for k in range(gamma):
@@ -221,9 +221,9 @@ class EagleDraft:
         self.true_length: int | torch.Tensor = 0  # drafter positions holding pairs of committed tokens
 
     def _draft(self, tokens, features, column, first_index):
-        """Pairs (tokens (B, T), features (B*, T, D)) appended; the prediction at `column` (B*,) -> that
-        predicted feature (B*, D) and the guided distribution (B, V) of token first_index it gives."""
-        predicted = self.drafter.decode(self.target.stack(tokens), features)  # (B*, T, D)
+        """Pairs (tokens (B, T, S), features (B*, T, D)) appended; the prediction at `column` (B*,) -> that
+        predicted feature (B*, D) and the guided distribution (B, S, V) of position first_index it gives."""
+        predicted = self.drafter.decode(self.target.stack(self.target.model_tokens(tokens)), features)
         feature = predicted[torch.arange(predicted.shape[0], device=predicted.device), column]
         return feature, self.target.probs(feature[:, None], first_index)[:, 0]
 
@@ -250,7 +250,7 @@ class EagleDraft:
         """The pass committed tokens n_old .. n_old + f: their pairs are the target's window outputs."""
         width = target_hidden.shape[1]
         offsets = torch.arange(width, device=first.device)
-        self.pairs = (rows.tokens.gather(1, (rows.count - first - 1)[:, None] + offsets), target_hidden)
+        self.pairs = (rows.gather((rows.count - first - 1)[:, None] + offsets), target_hidden)
         self.last = first
 
     def select(self, keep: torch.Tensor) -> None:
@@ -300,11 +300,15 @@ def sample_speculative(
     if eagle:
         draft.bind(model)
     else:
-        if draft.num_tokens < num_tokens:
-            raise ValueError(f"the draft generates {draft.num_tokens} tokens; {num_tokens} were asked for")
-        vocab = getattr(model, "config", {}).get("vocab_size")
-        if vocab is not None and getattr(draft, "config", {}).get("vocab_size", vocab) != vocab:
-            raise ValueError(f"draft vocab_size {draft.config['vocab_size']} != the target's {vocab}")
+        if draft.num_positions < num_tokens:
+            raise ValueError(
+                f"the draft generates {draft.num_positions} positions; {num_tokens} were asked for"
+            )
+        for key in ("vocab_size", "shuffle"):  # the draft must propose tokens of the target's layout
+            if draft.config.get(key) != model.config.get(key):
+                raise ValueError(
+                    f"draft {key}={draft.config.get(key)} != the target's {model.config.get(key)}"
+                )
     if acceptance not in ACCEPTANCE_RULES:
         raise ValueError(f"acceptance={acceptance!r}; expected one of {ACCEPTANCE_RULES}")
     device = next(model.parameters()).device
@@ -331,7 +335,8 @@ def sample_speculative(
         top_p=top_p,
     )
     max_len = num_tokens + gamma + 1  # windows padded past the last token
-    rows = Rows(labels.shape[0], num_tokens, gamma + 1, device, host_lengths=not compile)
+    slots = model.head.token_shape[0] if model.head.token_shape else 1  # S: tokens per position
+    rows = Rows(labels.shape[0], num_tokens, gamma + 1, device, host_lengths=not compile, slots=slots)
     counters = DecodeCounters(device)
     start = time.perf_counter()
     with GuidedModel(model, labels, **settings, max_len=max_len, static=compile) as target:
@@ -341,11 +346,11 @@ def sample_speculative(
             drafter = GPTDraft(draft, labels, max_len, settings, static=compile)
 
         def one_pass(uniforms: torch.Tensor):
-            """Draft, verify and commit for every row; uniforms (B, 2 gamma + 1): the pass's draws."""
+            """Draft, verify and commit for every row; uniforms (B, 2 gamma + 1, S): the pass's draws."""
             limit = (num_tokens - 1 - rows.count).clamp(max=gamma)  # drafts each row may test
-            drafts, q = drafter.propose(rows, gamma, uniforms[:, :gamma])  # (B, gamma), (B, gamma, V)
-            window = torch.cat([rows.last(), drafts], dim=1)  # (B, gamma + 1): tokens n-1 .. n+gamma-1
-            p, hidden = target.decode(window, rows.count)  # (B, gamma + 1, V): tokens n .. n + gamma
+            drafts, q = drafter.propose(rows, gamma, uniforms[:, :gamma])  # (B, gamma, S), (B, gamma, S, V)
+            window = torch.cat([rows.last(), drafts], dim=1)  # (B, gamma + 1, S): positions n-1 .. n+gamma-1
+            p, hidden = target.decode(window, rows.count)  # (B, gamma + 1, S, V): positions n .. n + gamma
             first, new, tested = verify(p, q, drafts, limit, uniforms[:, gamma:], relax)
             rows.commit(window, first, new)
             counters.add(first, tested)
@@ -359,7 +364,7 @@ def sample_speculative(
             model_batch = target.labels.shape[0]
             rows.advance(target.passes)
             while rows.running:
-                uniforms = torch.rand(rows.running, 2 * gamma + 1, device=device, generator=generator)
+                uniforms = torch.rand(rows.running, 2 * gamma + 1, slots, device=device, generator=generator)
                 hidden, first = step(uniforms)
                 target.passes += 1
                 drafter.passes += gamma
@@ -374,4 +379,5 @@ def sample_speculative(
                 drafter.accept(rows, hidden, first)
             stats = decode_stats(target, rows, counters, start, model_batch)
         stats["draft_forward_passes"] = drafter.passes
-    return SampleResult(tokens=rows.tokens_out, labels=labels, stats=stats)
+    tokens = model.image_tokens(target.model_tokens(rows.tokens_out))  # the tokenizer's layout
+    return SampleResult(tokens=tokens, labels=labels, stats=stats)

@@ -94,7 +94,7 @@ def test_drafts_read_the_targets_true_features(cfg_scale, monkeypatch):
 
     def logged(self, rows, gamma, generator):
         drafts, q = propose(self, rows, gamma, generator)
-        log.append((rows.tokens.clone(), rows.count.clone(), q[:, 0].clone()))
+        log.append((rows.tokens[..., 0].clone(), rows.count.clone(), q[:, 0].clone()))  # one slot each
         return drafts, q
 
     monkeypatch.setattr(speculative.EagleDraft, "propose", logged)

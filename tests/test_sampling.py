@@ -190,7 +190,7 @@ def test_shorter_sequences_and_stats(use_cache):
 class FixedLogits(nn.Module):
     """The sampler's model protocol with context-free logits: `cond` for real classes, `uncond` for null."""
 
-    num_tokens, null_class = 3, 9
+    num_tokens, num_positions, null_class = 3, 3, 9
 
     def __init__(self, cond, uncond):
         super().__init__()
@@ -213,6 +213,9 @@ class FixedLogits(nn.Module):
 
     def forward_prefix(self, tokens, labels):
         return (labels == self.null_class).long()[:, None].expand(-1, 1 + tokens.shape[1])
+
+    def image_tokens(self, sequence):
+        return sequence
 
 
 class TableHead(CategoricalHead):
