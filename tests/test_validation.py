@@ -91,6 +91,10 @@ TRAIN_CASES = [
     (TITOK, "tokenizer.num_tokens=0", "tokenizer.num_tokens"),
     (GPT, "generator.vocab_size=1", "generator.vocab_size"),
     (GPT, "generator.label_dropout=1.5", "generator.label_dropout"),
+    (GPT, "generator.shuffle=0", "generator.shuffle"),
+    (GPT, "generator.shuffle=2", "generator.shuffle"),  # no grid
+    (GPT, "generator.shuffle=3 generator.grid=[4,8] generator.num_tokens=32", "generator.shuffle"),
+    (GPT, "generator.shuffle=2 generator.grid=[4,8] module.truncate=uniform", "module.truncate"),
     (GPT, "data.codes_dir=<root>/nowhere", "data.codes_dir"),
     (GPT, "data.codes_dir=<root>/codes module.tokenizer_path=<root>/nowhere", "module.tokenizer_path"),
     (GPT, "data.codes_dir=<root>/codes module.tokenizer_path=<root>/generator", "module.tokenizer_path"),

@@ -127,6 +127,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "generator.depth": integer(1, optional=True),
     "generator.heads": integer(1, optional=True),
     "generator.label_dropout": number(0, 1, high_open=True),
+    "generator.shuffle": integer(1, optional=True),
 }
 
 SAMPLER_RULES: dict[str, Rule] = {
@@ -239,12 +240,50 @@ def tokenizer_export(key: str, folder) -> dict:
     return tokenizer
 
 
+VQGAN_TARGET = "tokenizers_vis.vqgan.VQGAN"
+
+
+def _check_downsampling(cfg) -> None:
+    """A VQGAN downsamples by 2^(len(ch_mult) - 1) (ch_mult null: its size preset's)."""
+    if _lookup(cfg, "tokenizer._target_")[1] != VQGAN_TARGET:
+        return
+    from tokenizers_vis.vqgan import VQGAN_SIZES
+
+    size, ch_mult = _lookup(cfg, "tokenizer.size")[1], _lookup(cfg, "tokenizer.ch_mult")[1]
+    if size not in VQGAN_SIZES:
+        raise ConfigError(f"tokenizer.size={size!r}: expected one of {sorted(VQGAN_SIZES)}")
+    ch_mult = ch_mult or VQGAN_SIZES[size]["ch_mult"]
+    factor, (present, resolution) = 2 ** (len(ch_mult) - 1), _lookup(cfg, "data.resolution")
+    if present and _is_int(resolution) and resolution % factor:
+        raise ConfigError(
+            f"data.resolution={resolution} must be a multiple of the VQGAN's downsampling factor {factor} "
+            f"(2^(len(tokenizer.ch_mult) - 1), ch_mult={ch_mult})"
+        )
+
+
+def _check_generator_grid(cfg) -> None:
+    """Codes of a 2D grid tokenizer record their grid; the GPT must take the same one (2D RoPE)."""
+    (has_grid, grid), (has_codes, codes) = _lookup(cfg, "generator.grid"), _lookup(cfg, "data.codes_dir")
+    meta_file = Path(str(codes)) / "meta.json"
+    if not (has_grid and has_codes and meta_file.is_file()):
+        return
+    codes_grid = (json.loads(meta_file.read_text()).get("token_spec") or {}).get("grid")
+    if codes_grid is not None and (grid is None or list(grid) != list(codes_grid)):
+        raise ConfigError(
+            f"generator.grid={grid} but the codes in data.codes_dir={codes} are a {codes_grid[0]}x"
+            f"{codes_grid[1]} grid: set generator.grid=[{codes_grid[0]}, {codes_grid[1]}] (2D RoPE)"
+        )
+
+
 def check_train(cfg: DictConfig) -> None:
     """Every setting of `python train.py`, before the data and the model are built."""
     check_rules(cfg, TRAIN_RULES)
     _divides(cfg, "tokenizer.patch_size", "data.resolution")
     _divides(cfg, "tokenizer.heads", "tokenizer.width")
     _divides(cfg, "generator.heads", "generator.width")
+    _check_downsampling(cfg)
+    _check_generator_grid(cfg)
+    check_shuffle(cfg)
     present, codes = _lookup(cfg, "data.codes_dir")
     if present and not (Path(str(codes)) / "meta.json").is_file():
         raise ConfigError(
@@ -263,6 +302,24 @@ def check_train(cfg: DictConfig) -> None:
                     f"module.tokenizer_path={path} makes tokens {exported}, but the codes in "
                     f"data.codes_dir={codes} are {codes_spec}: give the tokenizer that extracted them"
                 )
+
+
+def check_shuffle(cfg: DictConfig) -> None:
+    """Token-Shuffle needs grid tokens that s divides, and whole grids (no truncated training sequences)."""
+    present, shuffle = _lookup(cfg, "generator.shuffle")
+    if not present or shuffle in (None, 1):
+        return
+    grid = cfg.generator.get("grid")
+    if grid is None or grid[0] % shuffle or grid[1] % shuffle:
+        raise ConfigError(
+            f"generator.shuffle={shuffle} needs a token grid it divides; generator.grid={grid} "
+            "(set generator.grid=[h, w] of a 2D tokenizer, or generator.shuffle=1)"
+        )
+    present, truncate = _lookup(cfg, "module.truncate")
+    if present and truncate not in (None, "none"):
+        raise ConfigError(
+            f"module.truncate={truncate} with generator.shuffle={shuffle}: Token-Shuffle needs whole grids"
+        )
 
 
 def check_sample(cfg: DictConfig) -> None:
