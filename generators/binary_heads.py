@@ -1,6 +1,6 @@
 """Generator heads for binary tokens (K bits per position; tokenizers_vis/binary.py).
 
-Two ways to model a K-bit token given the backbone's hidden state h (METHODS.md, "Binary latents"):
+Two ways to model a K-bit token given the backbone's hidden state h (docs/METHODS.md, "Binary latents"):
 
     bernoulli      Instella-T2I: K independent Bernoulli logits, one linear map h -> K, binary
                    cross-entropy. Input embedding: a linear map of the bits written as -1 / +1.

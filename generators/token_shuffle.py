@@ -18,7 +18,7 @@ The GPT uses it through one setting, `GPT(shuffle=s)` (generators/gpt.py): s = 1
 builds none of this. The head is registered as "shuffle" (a categorical head whose token_shape is (s^2,)),
 so the samplers treat a window as one position whose token has s^2 slots (sampling/engine.py).
 
-Deliberate choices ([unverified] in METHODS.md: the authors released no code):
+Deliberate choices ([unverified] in docs/METHODS.md, "Token-Shuffle": the authors released no code):
 - The input projection D -> D / s^2 and the output projection D / s^2 -> D are shared by the s^2 slots (a
   slot's place in the window is given by where its part sits in the concatenation), and so is the output
   layer D -> V: the paper's "one shared head".

@@ -32,7 +32,7 @@ def cfg_scale_at(step: int, num_tokens: int, scale: float, schedule: str = "cons
 
     constant: `scale` everywhere. linear: 1 + (scale - 1) * step / num_tokens, a ramp from no guidance at the
     first token towards `scale` at the last (MUSE's linearly increasing guidance; Token-Shuffle's ramp in
-    METHODS.md with f = 1): early tokens, which fix the layout, stay diverse; later ones get full guidance.
+    docs/METHODS.md, f = 1): early tokens, which fix the layout, stay diverse; later ones get full guidance.
     """
     if schedule == "constant":
         return scale

@@ -25,8 +25,8 @@ distribution, and positions entering the window for the first time are initialis
     copy_left   the current token to the left (grid tokens: same row, previous column; in column 0 the token
                 above; 1D tokens: the previous token), q = one-hot. A deterministic draft is accepted with
                 probability p_t(x) and the residual is p_t with x removed, renormalised: exact as well.
-                METHODS.md's "a random init counts as one-hot" is exact only for deterministic drafts; a
-                uniform draw is scored with its true q = 1/V here.
+                Scoring a random init as one-hot (docs/METHODS.md, "SJD, GSD and draft reuse") is exact
+                only for deterministic drafts; a uniform draw is scored with its true q = 1/V here.
 
 Draft reuse (`reuse_drafts=True`, SJD++'s idea without its fine-tuning): a draft x at an untested position
 (after the row's first rejection) is kept for the next pass when its probability did not fall, p_t(x) >=

@@ -1,6 +1,6 @@
 """Binary-latent TiTok: every token is a vector of K bits instead of a codebook index.
 
-Two papers, one tokenizer (METHODS.md, "Binary latents"):
+Two papers, one tokenizer (docs/METHODS.md, "Binary latents"):
 - ELM, "Elucidating the Design Space of Language Models for Image Generation" (Liu et al., 2024): a binary
   autoencoder; the encoder's output goes through a sigmoid, is sampled as Bernoulli bits in training
   (thresholded at 0.5 at inference) with a straight-through gradient on the probabilities, and the decoder

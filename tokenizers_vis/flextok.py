@@ -7,9 +7,9 @@ dropout, replaced by one learned mask token), so any prefix of the code sequence
 coarse to fine. The decoder is a rectified-flow transformer that denoises the first-stage patches
 conditioned on the (possibly masked) registers; `decode(tokens, num_tokens=k)` samples an image from the
 first k codes. The authors released inference code only; this training code follows the paper and
-METHODS.md.
+docs/METHODS.md, "FlexTok".
 
-Deliberate choices (METHODS.md marks several details [unverified]; what is chosen here is stated):
+Deliberate choices (docs/METHODS.md marks several details [unverified]; what is chosen here is stated):
 - First stage, `first_stage`: "vae" (the paper: a frozen f8 diffusers `AutoencoderKL`, 2x2 patches on its
   latents, latents scaled as (z - shift_factor) * scaling_factor, encoded with the posterior mean so that
   `encode` is deterministic) or "pixels" (patches of the image itself: the CPU quickstart). The VAE is read

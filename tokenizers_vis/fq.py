@@ -15,7 +15,7 @@ learns:
   or CLIP through timm, or the project's photos-net on the embedded photos); batch-contrastive InfoNCE:
   each image's prediction must pick its own teacher feature among the batch's.
 
-Deliberate choices (METHODS.md, "FQ: Factorized Quantization"):
+Deliberate choices (docs/METHODS.md, "FQ: Factorized Quantization"):
 - TiTok-style 1D tokens instead of the paper's 2D CNN grid: same encoder and decoder as TiTok; the shared
   encoder output is TiTok's `to_code` map at full width, (B, N, W).
 - Adapters: `adapter="mlp"` (default) is LayerNorm -> Linear(W, W) -> GELU -> Linear(W, code_dim) per
@@ -33,7 +33,7 @@ Deliberate choices (METHODS.md, "FQ: Factorized Quantization"):
   map to the teacher's dimension. InfoNCE over the batch of one rank, cosine logits divided by
   `align_temperature` (1.0, the official value: exp(cos) without a temperature), teacher features
   detached, one direction (each prediction against every teacher feature), as in the official code. Only
-  the teacher's forward runs without gradients (METHODS.md: in the official release a no_grad decorator
+  the teacher's forward runs without gradients (docs/METHODS.md: in the official release a no_grad decorator
   silently killed this loss's gradient); here it reaches the adapters and the encoder (tests check it).
 - The alignment loss is computed in training mode only (the teacher costs a forward pass, and validation
   does not use the losses); it needs a batch of at least 2 (with 1 image it is a constant).

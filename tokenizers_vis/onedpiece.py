@@ -8,7 +8,7 @@ information concentrates at the head, and at inference any prefix length k decod
 grows with k: the token count becomes a quality knob (the paper compares against JPEG and WebP at equal
 byte size). Same encoder, quantiser and decoder as TiTok, and the same weights layout.
 
-Deliberate choices (see METHODS.md):
+Deliberate choices (see docs/METHODS.md, "One-D-Piece and prefix decoding"):
 - `tail_drop="batch"` (default) draws one k per batch, as the official code does (it slices the quantised
   latents before the decoder); the decoder then runs on k tokens only, so a step costs less on average.
 - `tail_drop="sample"` draws one k per image, a strictly more general option. The batch is decoded at the

@@ -9,7 +9,7 @@ code drawn uniformly among its delta nearest codes (euclidean distance between `
 itself is one of the delta, so a draw may return it and the expected share of changed tokens is
 alpha * beta * (delta - 1) / delta).
 
-Deliberate choices (METHODS.md, "Latent perturbation, pFID and decoder post-training"):
+Deliberate choices (docs/METHODS.md, "Latent perturbation, pFID and decoder post-training"):
 - Images are picked by an independent Bernoulli(beta) draw each (not exactly round(beta * B) of them), so
   the expected replacement rate is exact at every batch size; tokens by Bernoulli(alpha) each.
 - The delta nearest codes always include the code itself (its distance is forced to -1), also when two
@@ -24,7 +24,7 @@ Deliberate choices (METHODS.md, "Latent perturbation, pFID and decoder post-trai
   losses (pixel, perceptual, GAN, flow) see the perturbation. Tokenizers take it as a hook,
   `forward(images, perturb=fn)` with fn(quantized (B, N, D), codes (B, N)) -> quantized (B, N, D), called
   between the quantiser and the decoder; `training/tokenizer_module.py` builds fn (`module.perturb`).
-- Schedule ("robustok", METHODS.md): full strength until 20% of training, then alpha and delta decay
+- Schedule ("robustok", docs/METHODS.md): full strength until 20% of training, then alpha and delta decay
   linearly to half their values by 60%, then stay there; delta is rounded to an integer >= 1. "constant"
   keeps full strength throughout. A function of progress = step / max_steps, so a resumed run continues
   exactly.

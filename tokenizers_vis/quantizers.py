@@ -1,6 +1,6 @@
 """Quantisers: continuous latents in, discrete codes plus a straight-through latent out.
 
-`VectorQuantizer` follows VQ-VAE (van den Oord et al. 2017) with the choices TiTok uses (METHODS.md):
+`VectorQuantizer` follows VQ-VAE (van den Oord et al. 2017) with TiTok's choices (docs/METHODS.md, "TiTok"):
 codes and inputs optionally l2-normalised before the nearest-code lookup (cosine similarity; Yu et al.
 2022, "Vector-quantized Image Modeling with Improved VQGAN"), loss = 0.25 * ||sg(q) - z||^2 (commitment)
 + ||q - sg(z)||^2 (codebook), straight-through gradient, everything in fp32 even under bf16 autocast.

@@ -4,7 +4,7 @@ A ViT encoder reads [patch tokens + N learnable latent tokens]; only the latent 
 vector-quantised, so an image becomes a 1D sequence of N codes whatever its size. A ViT decoder reads
 [a grid of mask tokens + the projected codes] and turns the mask-token outputs into pixels.
 
-Deliberate choices (see METHODS.md):
+Deliberate choices (see docs/METHODS.md, "TiTok"):
 - Single-stage pixel recipe: the decoder regresses pixels (linear to patch pixels, then a 3x3 conv); the
   original two-stage recipe's proxy codes from a frozen VQGAN are not used.
 - Latent tokens are appended after the patches, each with its own learned position embedding; attention is

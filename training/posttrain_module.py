@@ -9,10 +9,10 @@ For each batch of images (and class labels):
   1. codes = tokenizer.encode(images) (B, N), with the encoder and quantiser frozen;
   2. the frozen generator runs teacher-forced on the true codes (GPT forward with the labels, eval mode, no
      gradient), so position i is predicted from the TRUE prefix codes[:, :i];
-  3. at each position the true code is kept with probability `keep_prob` (0.7, METHODS.md's "teacher-forced
-     with probability 0.7 per step"), otherwise it is replaced by a token sampled from the generator's
-     distribution at that position (temperature `temperature`, no top-k/top-p, no guidance: the
-     conditional model alone);
+  3. at each position the true code is kept with probability `keep_prob` (0.7, docs/METHODS.md, "Latent
+     perturbation, pFID and decoder post-training"), otherwise it is replaced by a token sampled from the
+     generator's distribution at that position (temperature `temperature`, no top-k/top-p, no guidance:
+     the conditional model alone);
   4. the decoder decodes the mixed tokens (`tokenizer.decode`) and is trained toward the original images
      with the usual reconstruction loss (pixel, optional perceptual and GAN: `module.loss`).
 
