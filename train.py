@@ -28,6 +28,7 @@ from training.callbacks import ImageGrids, SkippedImages, Throughput
 from training.checkpoints import AtomicCheckpointIO, RandomStates
 from training.config import CONFIG_DIR, ConfigError, check_run_dir, compose_config, save_run_config
 from training.data import DataError
+from training.fsdp import strategy_for
 from training.validation import check_train
 
 # Lightning warns that manual-optimisation checkpoints hold the post-step weights: that is what we want.
@@ -59,9 +60,11 @@ def run(cfg: DictConfig) -> dict:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [RandomStates(), skipped]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []] + [AtomicCheckpointIO()]
-    trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins, default_root_dir=str(run_dir)
-    )
+    # FSDP wraps the blocks of the models being trained (training/fsdp.py); other strategies as configured
+    strategy = strategy_for(cfg.trainer.get("strategy"), module)
+    built = {"plugins": plugins, "default_root_dir": str(run_dir)}
+    built |= {"strategy": strategy} if strategy is not None else {}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **built)
     if trainer.is_global_zero:  # only once everything was built: a failed start leaves no config behind
         save_run_config(cfg, run_dir)
 

@@ -39,10 +39,11 @@ import torch.nn.functional as F
 from generators.eagle import EagleDrafter
 from tokenizers_vis.base import from_pretrained
 
+from .callbacks import FlopsPerBatch, measure_training_flops
 from .optim import param_groups, warmup_cosine
 
 
-class EagleModule(L.LightningModule):
+class EagleModule(FlopsPerBatch, L.LightningModule):
     def __init__(
         self,
         target_path: str,
@@ -87,6 +88,21 @@ class EagleModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.target.to(self.device)
+        super().setup(stage)  # FlopsPerBatch: measures a training batch when fitting starts
+
+    def measure_flops_per_batch(self) -> int | None:
+        """FLOPs of one training batch (`losses`: the frozen target's forward, the drafter's `unroll` passes
+        forward + backward) on two of the training sequences."""
+        datamodule = self.trainer.datamodule
+        tokens = getattr(getattr(datamodule, "train_dataset", None), "tokens", None)  # (M, N)
+        batch_size = getattr(datamodule, "batch_size", None)
+        if tokens is None or batch_size is None:
+            return None
+        tokens = tokens[:2].long().to(self.device)
+        labels = torch.zeros(len(tokens), dtype=torch.long, device=self.device)
+        return measure_training_flops(
+            lambda: self.losses(tokens, labels, noise=True)["loss"], [self.drafter], len(tokens), batch_size
+        )
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(

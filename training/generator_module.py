@@ -23,6 +23,7 @@ import torch
 from sampling.ar import sample_ar
 from tokenizers_vis.base import Tokens, from_pretrained
 
+from .callbacks import FlopsPerBatch, measure_training_flops
 from .optim import ema_update, param_groups, warmup_cosine
 
 TRUNCATE_RULES = ("none", "uniform", "pow2")
@@ -38,7 +39,7 @@ def draw_length(rule: str, num_tokens: int, generator: torch.Generator | None = 
     return lengths[int(torch.randint(len(lengths), (), generator=generator))]
 
 
-class GeneratorModule(L.LightningModule):
+class GeneratorModule(FlopsPerBatch, L.LightningModule):
     def __init__(
         self,
         generator: torch.nn.Module,
@@ -84,6 +85,20 @@ class GeneratorModule(L.LightningModule):
                     f"generator.{key}={config.get(key)} but the codes in {datamodule.codes_dir} "
                     f"have {key}={value}: set generator.{key}={value}"
                 )
+
+    def measure_flops_per_batch(self) -> int | None:
+        """FLOPs of one training batch through the GPT (teacher-forced loss, forward + backward), on two of
+        the training sequences at full length (`truncate` trains shorter ones: an upper bound then)."""
+        datamodule = self.trainer.datamodule
+        tokens = getattr(getattr(datamodule, "train_dataset", None), "tokens", None)  # (M, N[, ...])
+        batch_size = getattr(datamodule, "batch_size", None)
+        if tokens is None or batch_size is None:
+            return None
+        tokens = tokens[:2].long().to(self.device)
+        labels = torch.zeros(len(tokens), dtype=torch.long, device=self.device)
+        return measure_training_flops(
+            lambda: self.generator.loss(tokens, labels), [self.generator], len(tokens), batch_size
+        )
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(

@@ -20,11 +20,12 @@ from tokenizers_vis.losses import ReconstructionLoss
 from tokenizers_vis.perturb import perturbation_for, perturbation_logs
 from tokenizers_vis.quantizers import code_histogram_stats
 
+from .callbacks import FlopsPerBatch, measure_training_flops
 from .metrics import psnr, ssim
 from .optim import ema_update, param_groups, step_without_counting, warmup_cosine
 
 
-class TokenizerModule(L.LightningModule):
+class TokenizerModule(FlopsPerBatch, L.LightningModule):
     def __init__(
         self,
         tokenizer: Tokenizer,
@@ -55,6 +56,22 @@ class TokenizerModule(L.LightningModule):
     def on_fit_start(self):
         if not self.loss.perceptual_on:
             rank_zero_info("perceptual loss is off (module.loss.perceptual_weight=0)")
+
+    def measure_flops_per_batch(self) -> int | None:
+        """FLOPs of one training batch through the tokenizer (`reconstruct_batch`, forward + backward, with
+        the frozen networks it runs); the discriminator and the perceptual network are not counted."""
+        size = self.tokenizer.config.get("image_size")
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if size is None or batch_size is None:
+            return None
+
+        def step():
+            images = torch.rand(2, 3, size, size, device=self.device) * 2 - 1  # (2, 3, H, W)
+            batch = {"image": images, "label": torch.zeros(2, dtype=torch.long, device=self.device)}
+            reconstructions, quantizer_losses, _, _ = self.reconstruct_batch(batch, self.global_step)
+            return reconstructions.float().square().mean() + sum(quantizer_losses.values())
+
+        return measure_training_flops(step, [self.tokenizer], samples=2, batch_size=batch_size)
 
     def configure_optimizers(self):
         optimizers = [
