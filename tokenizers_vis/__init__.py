@@ -6,6 +6,7 @@ from .base import Exportable, Tokenizer, Tokens, TokenSpec, from_pretrained, reg
 from .flextok import FlexTok
 from .onedpiece import OneDPiece
 from .titok import TiTok
+from .vqgan import VQGAN
 
 __all__ = [
     "Exportable",
