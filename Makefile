@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo demo-full test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) scripts/demo.py
+demo: $(STAMP)  # in a 15-minute budget after the install (BUDGET=minutes to change it)
+	$(PY) scripts/demo.py --budget-minutes $(or $(BUDGET),15)
+
+demo-full: $(STAMP)  # the full quickstart recipes, whatever they take (about 16-32 min on 2 cores)
+	$(PY) scripts/demo.py --full
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
