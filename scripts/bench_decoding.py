@@ -55,7 +55,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -70,9 +69,9 @@ from sampling import (  # noqa: E402
     tokenizer_neighbours,
 )
 from tokenizers_vis.base import Tokens, from_pretrained  # noqa: E402
-from training.config import ConfigError, compose_config  # noqa: E402
+from training.config import ConfigError  # noqa: E402
 from training.data import to_uint8  # noqa: E402
-from training.evaluation import evaluate_gfid, resolve_extractor  # noqa: E402
+from training.evaluation import evaluate_gfid, gfid_config, resolve_extractor  # noqa: E402
 
 MAKE = {  # argument -> the command that makes its default export
     "--generator": "python train.py +experiment=gpt_quickstart",
@@ -747,11 +746,7 @@ def run(args) -> dict:
             f"error: --generator makes {target.num_tokens} tokens over {target.config['vocab_size']} codes, "
             f"--tokenizer {args.tokenizer} decodes {token_spec.num_tokens} over {token_spec.vocab_size}"
         )
-    eval_cfg = compose_config(["mode=gfid", f"device={args.device}", *args.eval], "evaluate")
-    record = Path(args.tokenizer) / "data.json"  # the tokenizer's own dataset is the gFID reference
-    if record.is_file() and eval_cfg.reference_data == "recorded":
-        with open_dict(eval_cfg):
-            eval_cfg.data = OmegaConf.create(json.loads(record.read_text()))
+    eval_cfg = gfid_config(args.tokenizer, [f"device={args.device}", *args.eval])
     extractor, weights = resolve_extractor(eval_cfg)  # trains photos-net first if missing: before sampling
     num_classes, token_kind = target.config["num_classes"], target.config.get("token_kind", "categorical")
     methods = build_methods(args, target, draft, eagle, tokenizer)

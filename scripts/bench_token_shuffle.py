@@ -36,15 +36,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core import Tokens, from_pretrained  # noqa: E402
 from sampling import batch_seed, class_balanced_labels, sample_ar, sample_jacobi  # noqa: E402
-from training.config import compose_config  # noqa: E402
 from training.data import to_uint8  # noqa: E402
-from training.evaluation import evaluate_gfid, resolve_extractor  # noqa: E402
+from training.evaluation import evaluate_gfid, gfid_config, resolve_extractor  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -151,11 +150,7 @@ def run(args) -> dict:
                 f"error: the s={s} export has shuffle={model.shuffle} and {model.num_tokens} tokens; "
                 f"expected shuffle={s} and the tokenizer's {tokenizer.token_spec.num_tokens}"
             )
-    eval_cfg = compose_config(["mode=gfid", f"device={args.device}", *args.eval], "evaluate")
-    record = Path(args.tokenizer) / "data.json"  # the tokenizer's own dataset is the gFID reference
-    if record.is_file() and eval_cfg.reference_data == "recorded":
-        with open_dict(eval_cfg):
-            eval_cfg.data = OmegaConf.create(json.loads(record.read_text()))
+    eval_cfg = gfid_config(args.tokenizer, [f"device={args.device}", *args.eval])
     extractor, weights = resolve_extractor(eval_cfg)  # trains photos-net first if missing
     out = Path(args.out)
     (out / "samples").mkdir(parents=True, exist_ok=True)

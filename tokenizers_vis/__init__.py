@@ -13,6 +13,7 @@ __all__ = [
     "FlexTok",
     "OneDPiece",
     "TiTok",
+    "VQGAN",
     "Tokenizer",
     "Tokens",
     "TokenSpec",

@@ -176,6 +176,17 @@ class FlopsPerBatch:
             )
 
 
+def training_sequences(datamodule, device, count: int = 2):
+    """(the first `count` training sequences (count, N[, ...]) long, labels (count,), the batch size) of a
+    codes datamodule, on `device`: what a generator-side module measures its FLOPs on; None without them."""
+    tokens = getattr(getattr(datamodule, "train_dataset", None), "tokens", None)  # (M, N[, ...])
+    batch_size = getattr(datamodule, "batch_size", None)
+    if tokens is None or batch_size is None:
+        return None
+    tokens = tokens[:count].long().to(device)
+    return tokens, torch.zeros(len(tokens), dtype=torch.long, device=device), batch_size
+
+
 def measure_training_flops(
     step: Callable[[], torch.Tensor], modules: Iterable[nn.Module], samples: int, batch_size: int
 ) -> int:

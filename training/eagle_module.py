@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from generators.eagle import EagleDrafter
 from tokenizers_vis.base import from_pretrained
 
-from .callbacks import FlopsPerBatch, measure_training_flops
+from .callbacks import FlopsPerBatch, measure_training_flops, training_sequences
 from .optim import param_groups, warmup_cosine
 
 
@@ -93,13 +93,10 @@ class EagleModule(FlopsPerBatch, L.LightningModule):
     def measure_flops_per_batch(self) -> int | None:
         """FLOPs of one training batch (`losses`: the frozen target's forward, the drafter's `unroll` passes
         forward + backward) on two of the training sequences."""
-        datamodule = self.trainer.datamodule
-        tokens = getattr(getattr(datamodule, "train_dataset", None), "tokens", None)  # (M, N)
-        batch_size = getattr(datamodule, "batch_size", None)
-        if tokens is None or batch_size is None:
+        sequences = training_sequences(self.trainer.datamodule, self.device)
+        if sequences is None:
             return None
-        tokens = tokens[:2].long().to(self.device)
-        labels = torch.zeros(len(tokens), dtype=torch.long, device=self.device)
+        tokens, labels, batch_size = sequences
         return measure_training_flops(
             lambda: self.losses(tokens, labels, noise=True)["loss"], [self.drafter], len(tokens), batch_size
         )

@@ -69,7 +69,7 @@ from core import Tokens, from_pretrained
 from tokenizers_vis.adaptive import decode_lengths, shortest_prefix
 from tokenizers_vis.losses import PerceptualLoss
 from tokenizers_vis.perturb import LatentPerturbation
-from training.config import ConfigError
+from training.config import ConfigError, compose_config
 from training.config_files import load_config
 from training.feature_net import NAME as PHOTOS_NET
 from training.feature_net import ensure_feature_net, load_feature_net
@@ -152,6 +152,18 @@ def use_recorded_data(cfg: DictConfig) -> None:
         )
     with open_dict(cfg):
         cfg.data = OmegaConf.create(json.loads(record.read_text()))
+
+
+def gfid_config(tokenizer_path, overrides: list[str]) -> DictConfig:
+    """configs/evaluate.yaml for mode=gfid with command-line `overrides`, its reference the dataset the
+    tokenizer at `tokenizer_path` was trained on (its export's data.json) unless reference_data=config:
+    what the benchmarks measure samples of that tokenizer's tokens against."""
+    cfg = compose_config(["mode=gfid", *overrides], "evaluate")
+    record = Path(tokenizer_path) / "data.json"
+    if record.is_file() and cfg.reference_data == "recorded":
+        with open_dict(cfg):
+            cfg.data = OmegaConf.create(json.loads(record.read_text()))
+    return cfg
 
 
 def data_name(cfg: DictConfig, split: str, resolution: int, count: int) -> str:

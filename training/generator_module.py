@@ -23,7 +23,7 @@ import torch
 from sampling.ar import sample_ar
 from tokenizers_vis.base import Tokens, from_pretrained
 
-from .callbacks import FlopsPerBatch, measure_training_flops
+from .callbacks import FlopsPerBatch, measure_training_flops, training_sequences
 from .optim import ema_update, param_groups, warmup_cosine
 
 TRUNCATE_RULES = ("none", "uniform", "pow2")
@@ -89,13 +89,10 @@ class GeneratorModule(FlopsPerBatch, L.LightningModule):
     def measure_flops_per_batch(self) -> int | None:
         """FLOPs of one training batch through the GPT (teacher-forced loss, forward + backward), on two of
         the training sequences at full length (`truncate` trains shorter ones: an upper bound then)."""
-        datamodule = self.trainer.datamodule
-        tokens = getattr(getattr(datamodule, "train_dataset", None), "tokens", None)  # (M, N[, ...])
-        batch_size = getattr(datamodule, "batch_size", None)
-        if tokens is None or batch_size is None:
+        sequences = training_sequences(self.trainer.datamodule, self.device)
+        if sequences is None:
             return None
-        tokens = tokens[:2].long().to(self.device)
-        labels = torch.zeros(len(tokens), dtype=torch.long, device=self.device)
+        tokens, labels, batch_size = sequences
         return measure_training_flops(
             lambda: self.generator.loss(tokens, labels), [self.generator], len(tokens), batch_size
         )
