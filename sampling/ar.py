@@ -38,6 +38,7 @@ def sample_ar(
     num_tokens: int | None = None,
     cfg_scale: float = 1.0,
     cfg_schedule: str = "constant",
+    cfg_ramp: float = 1.0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -56,7 +57,7 @@ def sample_ar(
     if compile and not use_cache:
         raise ValueError("compile=True compiles the cached decode step: it needs use_cache=True")
     num_tokens = check_num_tokens(model, num_tokens)  # positions: tokens, or windows with Token-Shuffle
-    cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule)  # rejects an unknown schedule up front
+    cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule, cfg_ramp)  # rejects a bad schedule up front
     device = next(model.parameters()).device
     labels = labels.to(device)
     guided = cfg_scale != 1.0
@@ -87,7 +88,7 @@ def sample_ar(
                 hidden = model.forward_prefix(doubled(tokens[:, :step]), rows)[:, -1]
                 passes += 1
             if fused is None or step == 0:
-                scale = cfg_scale_at(step, num_tokens, cfg_scale, cfg_schedule)
+                scale = cfg_scale_at(step, num_tokens, cfg_scale, cfg_schedule, cfg_ramp)
                 tokens[:, step] = model.head.sample_stacked(
                     hidden, guided, scale, temperature, top_k, top_p, generator
                 )  # the head runs once over [conditional; unconditional]
@@ -98,7 +99,7 @@ def sample_ar(
                     hidden = decode(previous)[:, -1]
                     continue
                 scale = torch.tensor(
-                    cfg_scale_at(step + 1, num_tokens, cfg_scale, cfg_schedule), device=device
+                    cfg_scale_at(step + 1, num_tokens, cfg_scale, cfg_schedule, cfg_ramp), device=device
                 )
                 uniform = torch.rand(
                     labels.shape[0], *model.head.token_shape, device=device, generator=generator

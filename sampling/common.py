@@ -27,17 +27,22 @@ class SampleResult:
     stats: dict = field(default_factory=dict)
 
 
-def cfg_scale_at(step: int, num_tokens: int, scale: float, schedule: str = "constant") -> float:
-    """Guidance scale for the token at index `step` (0-based) of `num_tokens`.
+def cfg_scale_at(step, num_tokens: int, scale: float, schedule: str = "constant", ramp: float = 1.0):
+    """Guidance scale for the position at index `step` (0-based, an int or a tensor) of `num_tokens`.
 
-    constant: `scale` everywhere. linear: 1 + (scale - 1) * step / num_tokens, a ramp from no guidance at the
-    first token towards `scale` at the last (MUSE's linearly increasing guidance; Token-Shuffle's ramp in
-    docs/METHODS.md, f = 1): early tokens, which fix the layout, stay diverse; later ones get full guidance.
+    constant: `scale` everywhere. linear: 1 + (scale - 1) * min(1, step / (ramp * num_tokens)), a ramp from
+    no guidance at the first position to `scale` after the fraction `ramp` of the sequence (Token-Shuffle's
+    ramp, docs/METHODS.md, with f = ramp; ramp 1 is MUSE's linearly increasing guidance): early positions,
+    which fix the layout, stay diverse; later ones get full guidance.
     """
+    if not 0 < ramp <= 1:
+        raise ValueError(f"cfg_ramp={ramp}; expected 0 < ramp <= 1 (the share of the sequence ramped over)")
     if schedule == "constant":
         return scale
     if schedule == "linear":
-        return 1.0 + (scale - 1.0) * step / num_tokens
+        progress = step / (ramp * num_tokens)
+        progress = progress.clamp(max=1.0) if isinstance(progress, torch.Tensor) else min(1.0, progress)
+        return 1.0 + (scale - 1.0) * progress
     raise ValueError(f"cfg schedule {schedule!r}; expected one of {CFG_SCHEDULES}")
 
 

@@ -69,6 +69,7 @@ class GuidedModel:
         num_tokens: int,
         cfg_scale: float = 1.0,
         cfg_schedule: str = "constant",
+        cfg_ramp: float = 1.0,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -78,7 +79,7 @@ class GuidedModel:
         self.model, self.num_tokens, self.max_len, self.static = model, num_tokens, max_len, static
         self.token_shape = tuple(model.head.token_shape)  # () or (S,): the model's layout of a position
         self.slots = self.token_shape[0] if self.token_shape else 1
-        self.cfg_scale, self.cfg_schedule = cfg_scale, cfg_schedule
+        self.cfg_scale, self.cfg_schedule, self.cfg_ramp = cfg_scale, cfg_schedule, cfg_ramp
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.guided = cfg_scale != 1.0
         self.batch = labels.shape[0]
@@ -132,9 +133,8 @@ class GuidedModel:
             if self.cfg_schedule != "constant":
                 steps = torch.arange(logits.shape[1], device=logits.device)
                 index = first_index + steps if isinstance(first_index, int) else first_index[:, None] + steps
-                scale = cfg_scale_at(index, self.num_tokens, self.cfg_scale, self.cfg_schedule)[
-                    ..., None, None
-                ]
+                schedule = (self.cfg_schedule, self.cfg_ramp)
+                scale = cfg_scale_at(index, self.num_tokens, self.cfg_scale, *schedule)[..., None, None]
             logits = guided_logits(*logits.chunk(2), scale)
         return filter_logits(logits, self.temperature, self.top_k, self.top_p).softmax(dim=-1)
 

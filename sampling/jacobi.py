@@ -105,6 +105,7 @@ def sample_jacobi(
     init: str = "uniform",
     cfg_scale: float = 1.0,
     cfg_schedule: str = "constant",
+    cfg_ramp: float = 1.0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -125,7 +126,7 @@ def sample_jacobi(
     mode on its own device (its mode is restored afterwards); `generator` must live on that device.
     """
     num_tokens = check_num_tokens(model, num_tokens)
-    cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule)
+    cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule, cfg_ramp)
     if window < 1:
         raise ValueError(f"window={window}; expected >= 1 draft positions")
     if init not in JACOBI_INITS:
@@ -145,6 +146,7 @@ def sample_jacobi(
         num_tokens=num_tokens,
         cfg_scale=cfg_scale,
         cfg_schedule=cfg_schedule,
+        cfg_ramp=cfg_ramp,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,

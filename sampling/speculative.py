@@ -271,6 +271,7 @@ def sample_speculative(
     gamma: int = 4,
     cfg_scale: float = 1.0,
     cfg_schedule: str = "constant",
+    cfg_ramp: float = 1.0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -291,7 +292,7 @@ def sample_speculative(
     afterwards); `generator` must live on that device.
     """
     num_tokens = check_num_tokens(model, num_tokens)
-    cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule)  # rejects an unknown schedule up front
+    cfg_scale_at(0, num_tokens, cfg_scale, cfg_schedule, cfg_ramp)  # rejects a bad schedule up front
     if gamma < 1:
         raise ValueError(f"gamma={gamma}; expected >= 1 drafts per pass")
     if draft is model:
@@ -330,6 +331,7 @@ def sample_speculative(
         num_tokens=num_tokens,
         cfg_scale=cfg_scale,
         cfg_schedule=cfg_schedule,
+        cfg_ramp=cfg_ramp,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,

@@ -66,6 +66,12 @@ def test_cfg_schedules():
     assert [cfg_scale_at(t, 8, 4.0, "linear") for t in (0, 2, 4, 8)] == [1.0, 1.75, 2.5, 4.0]
     with pytest.raises(ValueError, match="schedule"):
         cfg_scale_at(0, 8, 4.0, "cosine")
+    # Token-Shuffle's ramp: full scale after a quarter of the positions, then constant
+    assert [cfg_scale_at(t, 8, 4.0, "linear", ramp=0.25) for t in (0, 1, 2, 5)] == [1.0, 2.5, 4.0, 4.0]
+    steps = cfg_scale_at(torch.arange(8), 8, 4.0, "linear", ramp=0.25)
+    assert steps.tolist() == [1.0, 2.5, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0]
+    with pytest.raises(ValueError, match="cfg_ramp"):
+        cfg_scale_at(0, 8, 4.0, "linear", ramp=0.0)
 
 
 def test_temperature_divides_logits():

@@ -116,6 +116,7 @@ SAMPLE_CASES = [
     (f"{PAIR} sampler.top_k=-1", "sampler.top_k"),
     (f"{PAIR} sampler.cfg_scale=-2", "sampler.cfg_scale"),
     (f"{PAIR} sampler.cfg_schedule=cosine", "sampler.cfg_schedule"),
+    (f"{PAIR} sampler.cfg_ramp=0", "sampler.cfg_ramp"),
     (f"{PAIR} sampler=speculative sampler.gamma=0", "sampler.gamma"),
     (f"{PAIR} sampler=speculative sampler.drafter=medusa", "sampler.drafter"),
     (f"{PAIR} sampler=sjd sampler.window=0", "sampler.window"),

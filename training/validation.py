@@ -133,6 +133,7 @@ TRAIN_RULES: dict[str, Rule] = {
 SAMPLER_RULES: dict[str, Rule] = {
     "sampler.cfg_scale": number(0),
     "sampler.cfg_schedule": choice("constant", "linear"),
+    "sampler.cfg_ramp": number(0, 1, low_open=True),
     "sampler.temperature": number(0, low_open=True),
     "sampler.top_k": COUNT,
     "sampler.top_p": number(0, 1, low_open=True),
